@@ -1,0 +1,226 @@
+"""Data sources: each turns a config into decoded train/val/test ImageSets and class names."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from xrayfusion.data.decode import IMAGE_SUFFIXES, Failure, decode_images
+from xrayfusion.data.splits import carve_validation, patient_id
+from xrayfusion.errors import ConfigError, DataError
+
+
+@dataclass
+class ImageSet:
+    """Decoded images (N, 1, H, W) uint8, labels (N,), patient groups and file names."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    groups: list[str]
+    names: list[str]
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def subset(self, idx: Sequence[int] | np.ndarray) -> ImageSet:
+        idx_list = [int(i) for i in idx]
+        index = torch.as_tensor(idx_list, dtype=torch.long)
+        return ImageSet(
+            images=self.images[index],
+            labels=self.labels[index],
+            groups=[self.groups[i] for i in idx_list],
+            names=[self.names[i] for i in idx_list],
+        )
+
+    def class_counts(self, num_classes: int) -> list[int]:
+        return torch.bincount(self.labels, minlength=num_classes).tolist()
+
+
+@dataclass
+class SourceData:
+    """What a source yields: class names, the splits (val/test may be absent) and unreadable files."""
+
+    class_names: list[str]
+    train: ImageSet
+    val: ImageSet | None
+    test: ImageSet | None
+    skipped: list[Failure] = field(default_factory=list)
+
+
+def _folder_split(
+    split_dir: Path, class_names: Sequence[str], size: int, group_fn: Callable[[str], str], workers: int
+) -> tuple[ImageSet, list[Failure]]:
+    paths: list[Path] = []
+    labels: list[int] = []
+    for label, cls in enumerate(class_names):
+        cls_dir = split_dir / cls
+        if not cls_dir.is_dir():
+            raise DataError(
+                f"{split_dir} has no class folder '{cls}'; expected {split_dir}/<class>/* for classes "
+                f"{list(class_names)}"
+            )
+        files = sorted(p for p in cls_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        paths += files
+        labels += [label] * len(files)
+    images, ok, failures = decode_images(paths, size, workers=workers)
+    names = [f"{paths[i].parent.name}/{paths[i].name}" for i in ok]
+    return (
+        ImageSet(
+            images=images,
+            labels=torch.as_tensor([labels[i] for i in ok], dtype=torch.long),
+            groups=[group_fn(paths[i].name) for i in ok],
+            names=names,
+        ),
+        failures,
+    )
+
+
+def load_folder_source(
+    root: str | Path,
+    size: int,
+    val_fraction: float,
+    seed: int,
+    group_fn: Callable[[str], str] = patient_id,
+    class_names: Sequence[str] | None = None,
+    workers: int = 2,
+) -> SourceData:
+    """Read ROOT/{train,test[,val]}/<class>/*; carve val out of train by group when val/ is absent."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(
+            f"data.root={root} does not exist; point data.root at the folder that holds train/ and test/ "
+            "(for Kermany: the Kaggle 'chest-xray-pneumonia' download's chest_xray/ folder)"
+        )
+    train_dir = root / "train"
+    if not train_dir.is_dir():
+        found = sorted(p.name for p in root.iterdir())[:10]
+        raise DataError(
+            f"data.root={root} has no train/ folder; expected ROOT/train/<class>/* and ROOT/test/<class>/*, "
+            f"found {found}"
+        )
+    if class_names is None:
+        class_names = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
+    if len(class_names) < 2:
+        raise DataError(f"{train_dir} holds {len(class_names)} class folder(s); at least two are needed")
+    skipped: list[Failure] = []
+    train, failed = _folder_split(train_dir, class_names, size, group_fn, workers)
+    skipped += failed
+    val = test = None
+    if (root / "val").is_dir():
+        val, failed = _folder_split(root / "val", class_names, size, group_fn, workers)
+        skipped += failed
+    else:
+        train_idx, val_idx = carve_validation(train.labels.tolist(), train.groups, val_fraction, seed)
+        train, val = train.subset(train_idx), train.subset(val_idx)
+    if (root / "test").is_dir():
+        test, failed = _folder_split(root / "test", class_names, size, group_fn, workers)
+        skipped += failed
+    for split_name, split in (("train", train), ("val", val)):
+        counts = split.class_counts(len(class_names)) if split is not None else []
+        empty = [c for c, n in zip(class_names, counts, strict=True) if n == 0]
+        if empty:
+            raise DataError(f"the {split_name} split of {root} has no images of class(es) {empty}")
+    return SourceData(list(class_names), train, val, test, skipped)
+
+
+def _resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
+    if images.shape[-1] == size and images.shape[-2] == size:
+        return images
+    resized = F.interpolate(images.float(), size=(size, size), mode="bilinear", antialias=True)
+    return resized.round().clamp(0, 255).to(torch.uint8)
+
+
+def load_medmnist(path: str | Path, size: int, class_names: Sequence[str] | None = None) -> SourceData:
+    """Read a MedMNIST npz with train/val/test images and labels."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(
+            f"data.path={path} is not a file; point it at a MedMNIST npz such as pneumoniamnist.npz "
+            "(or set XRAYFUSION_MEDMNIST_NPZ)"
+        )
+    with np.load(path) as npz:
+        expected = [f"{s}_{k}" for s in ("train", "val", "test") for k in ("images", "labels")]
+        missing = [k for k in expected if k not in npz.files]
+        if missing:
+            raise DataError(f"{path} lacks the MedMNIST keys {missing}; it has {sorted(npz.files)}")
+        arrays = {k: npz[k] for k in expected}
+    num_classes = int(max(arrays[f"{s}_labels"].max() for s in ("train", "val", "test"))) + 1
+    names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
+    if len(names) < num_classes:
+        raise ConfigError(f"data.class_names has {len(names)} names but {path} has {num_classes} classes")
+    splits = {}
+    for split in ("train", "val", "test"):
+        imgs = torch.from_numpy(arrays[f"{split}_images"])
+        if imgs.ndim == 4:  # (N, H, W, 3) colour variants: average to grey
+            imgs = imgs.float().mean(-1).round().to(torch.uint8)
+        imgs = _resize_uint8(imgs[:, None], size)
+        labels = torch.from_numpy(arrays[f"{split}_labels"].reshape(-1).astype(np.int64))
+        ids = [f"{split}-{i}" for i in range(len(labels))]
+        splits[split] = ImageSet(imgs, labels, ids, ids)
+    return SourceData(names, splits["train"], splits["val"], splits["test"])
+
+
+def make_synthetic(n_train: int, n_val: int, n_test: int, size: int, num_classes: int = 2, seed: int = 0) -> SourceData:
+    """A learnable image set: class k carries k bright blobs over smooth noise."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def make(n: int, split: str) -> ImageSet:
+        labels = torch.arange(n) % num_classes
+        labels = labels[torch.randperm(n, generator=gen)]
+        coarse = torch.rand((n, 1, max(2, size // 8), max(2, size // 8)), generator=gen)
+        base = F.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False) * 90 + 40
+        yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+        radius = max(2.0, size / 7)
+        for i in range(n):
+            for _ in range(int(labels[i])):
+                cy, cx = (torch.rand(2, generator=gen) * (size - 2 * radius) + radius).tolist()
+                blob = torch.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * radius**2))
+                base[i, 0] += 100 * blob
+        noise = torch.randn(base.shape, generator=gen) * 12
+        images = (base + noise).round().clamp(0, 255).to(torch.uint8)
+        ids = [f"{split}-{i}" for i in range(n)]
+        return ImageSet(images, labels.long(), ids, ids)
+
+    names = ["normal", "pneumonia"] if num_classes == 2 else [f"class{k}" for k in range(num_classes)]
+    return SourceData(names, make(n_train, "train"), make(n_val, "val"), make(n_test, "test"))
+
+
+SOURCES = ("synthetic", "kermany", "medmnist")
+
+
+def build_source(cfg: Mapping[str, Any]) -> SourceData:
+    """Build the source named by cfg['name'] from a plain data config mapping."""
+    name = cfg.get("name")
+    size = int(cfg.get("image_size", 64))
+    if size < 8:
+        raise ConfigError(f"data.image_size={size} is too small; use 28 or more")
+    seed = int(cfg.get("seed", 0))
+    if name == "synthetic":
+        return make_synthetic(
+            int(cfg.get("n_train", 192)),
+            int(cfg.get("n_val", 64)),
+            int(cfg.get("n_test", 64)),
+            size,
+            int(cfg.get("num_classes", 2)),
+            seed,
+        )
+    if name == "kermany":
+        if not cfg.get("root"):
+            raise ConfigError("data.root is not set; pass data.root=/path/to/chest_xray")
+        return load_folder_source(
+            cfg["root"],
+            size,
+            float(cfg.get("val_fraction", 0.15)),
+            seed,
+            group_fn=patient_id,
+            class_names=cfg.get("class_names") or ["NORMAL", "PNEUMONIA"],
+        )
+    if name == "medmnist":
+        return load_medmnist(cfg["path"], size, cfg.get("class_names"))
+    raise ConfigError(f"unknown data source data.name={name!r}; choose one of {list(SOURCES)}")

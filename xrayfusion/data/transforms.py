@@ -1,0 +1,50 @@
+"""Augmentation on uint8 image tensors (decoded once; nothing is re-read from disk)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torchvision.transforms import v2
+
+
+def build_augment(cfg: Mapping[str, Any] | None) -> v2.Transform | None:
+    """Flip, small affine and contrast jitter from a config mapping; None when disabled."""
+    if not cfg or not cfg.get("enabled", True):
+        return None
+    ops: list[v2.Transform] = []
+    if float(cfg.get("hflip", 0.0)) > 0:
+        ops.append(v2.RandomHorizontalFlip(p=float(cfg["hflip"])))
+    degrees = float(cfg.get("degrees", 0.0))
+    translate = float(cfg.get("translate", 0.0))
+    scale = cfg.get("scale")
+    if degrees > 0 or translate > 0 or (scale and tuple(scale) != (1.0, 1.0)):
+        ops.append(
+            v2.RandomAffine(
+                degrees=degrees,
+                translate=(translate, translate) if translate > 0 else None,
+                scale=tuple(scale) if scale else None,
+            )
+        )
+    if float(cfg.get("contrast", 0.0)) > 0:
+        ops.append(v2.ColorJitter(contrast=float(cfg["contrast"])))
+    return v2.Compose(ops) if ops else None
+
+
+class TensorDataset(torch.utils.data.Dataset):
+    """(image uint8 (1, H, W), label) pairs with an optional per-sample augmentation."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, augment: v2.Transform | None = None):
+        self.images = images
+        self.labels = labels
+        self.augment = augment
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def __getitem__(self, idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image = self.images[idx]
+        if self.augment is not None:
+            image = self.augment(image)
+        return image, self.labels[idx]

@@ -1,0 +1,69 @@
+"""One factory for every branch backbone: any timm model name or a project CNN."""
+
+from __future__ import annotations
+
+import difflib
+from functools import cache
+
+import timm
+import torch
+from torch import nn
+
+from xrayfusion.errors import ConfigError
+from xrayfusion.models import cnns  # noqa: F401  (registers the project CNNs)
+
+_CANDIDATE_SIZES = (32, 48, 64, 96, 128, 160, 192, 224, 256, 299, 320, 384)
+
+
+@cache
+def known_backbones() -> frozenset[str]:
+    """Every name `create_backbone` accepts (timm's registry, project CNNs included)."""
+    return frozenset(timm.list_models())
+
+
+def check_backbone_name(name: str) -> None:
+    """Raise ConfigError naming close matches when `name` is not a known backbone."""
+    base = name.split(".", 1)[0]  # timm accepts name.pretrained_tag
+    if base in known_backbones():
+        return
+    close = difflib.get_close_matches(base, sorted(known_backbones()), n=5, cutoff=0.6)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    raise ConfigError(
+        f"unknown backbone {name!r} in model.branches{hint} Any timm model name "
+        "(python -c 'import timm; print(timm.list_models())') or a project CNN (small_cnn, darknet) works."
+    )
+
+
+def create_backbone(name: str, in_chans: int = 1, pretrained: bool = False, drop_rate: float = 0.0) -> nn.Module:
+    """A feature extractor (`num_classes=0`) exposing `num_features`; pooled features from `forward`."""
+    check_backbone_name(name)
+    kwargs = {"num_classes": 0, "in_chans": in_chans}
+    if drop_rate:
+        kwargs["drop_rate"] = drop_rate
+    return timm.create_model(name, pretrained=pretrained, **kwargs)
+
+
+def _forward_ok(backbone: nn.Module, in_chans: int, size: int) -> bool:
+    try:
+        with torch.no_grad():
+            backbone(torch.zeros(1, in_chans, size, size))
+        return True
+    except (RuntimeError, ValueError, AssertionError):
+        return False
+
+
+def check_input_size(name: str, backbone: nn.Module, in_chans: int, size: int) -> None:
+    """Raise ConfigError when `backbone` cannot take `size` px inputs, naming a size that works."""
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        if _forward_ok(backbone, in_chans, size):
+            return
+        working = next((s for s in _CANDIDATE_SIZES if s > size and _forward_ok(backbone, in_chans, s)), None)
+    finally:
+        backbone.train(was_training)
+    fix = f"use data.image_size={working} or more" if working else "use a larger data.image_size"
+    raise ConfigError(
+        f"backbone {name!r} cannot take {size}x{size} px images (its down-sampling shrinks them to nothing); "
+        f"{fix}, or drop {name} from model.branches."
+    )

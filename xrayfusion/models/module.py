@@ -1,0 +1,204 @@
+"""FusionClassifier: one LightningModule wrapping any set of branches and one fusion strategy."""
+
+from __future__ import annotations
+
+import inspect
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from xrayfusion.metrics import metric_collection, metric_input
+from xrayfusion.models.backbones import check_input_size, create_backbone
+from xrayfusion.models.fusion import build_fusion
+
+FUSED = "fused"
+
+
+def branch_keys(names: Sequence[str]) -> list[str]:
+    """Unique metric/module-safe keys for branch names (dots become underscores, repeats get _2, _3)."""
+    keys: list[str] = []
+    for name in names:
+        key = re.sub(r"[^0-9A-Za-z_]", "_", name)
+        candidate, n = key, 1
+        while candidate in keys or candidate == FUSED:
+            n += 1
+            candidate = f"{key}_{n}"
+        keys.append(candidate)
+    return keys
+
+
+class FusionClassifier(pl.LightningModule):
+    """Branches (backbone + own linear head) trained together on each batch, fused by a strategy.
+
+    Inputs are uint8 (B, C, H, W) images; normalisation happens on the device.
+    """
+
+    def __init__(
+        self,
+        branches: Sequence[str],
+        num_classes: int,
+        fusion: Mapping[str, Any],
+        in_chans: int = 1,
+        image_size: int = 64,
+        mean: float = 0.5,
+        std: float = 0.25,
+        class_names: Sequence[str] | None = None,
+        class_weights: Sequence[float] | None = None,
+        pretrained: bool = False,
+        drop_rate: float = 0.0,
+        threshold: float = 0.5,
+        channels_last: bool = False,
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        scheduler: Callable[..., Any] | None = None,
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        if num_classes < 2:
+            raise ValueError(f"num_classes={num_classes}: at least two classes are needed")
+        self.keys = branch_keys(list(branches))
+        self.backbones = nn.ModuleDict()
+        self.heads = nn.ModuleDict()
+        for name, key in zip(branches, self.keys, strict=True):
+            backbone = create_backbone(name, in_chans=in_chans, pretrained=pretrained, drop_rate=drop_rate)
+            check_input_size(name, backbone, in_chans, image_size)
+            self.backbones[key] = backbone
+            self.heads[key] = nn.Linear(backbone.num_features, num_classes)
+        dims = [self.backbones[k].num_features for k in self.keys]
+        self.fusion = build_fusion(dict(fusion), len(self.keys), num_classes, dims)
+        self.register_buffer("mean", torch.tensor(float(mean)), persistent=False)
+        self.register_buffer("std", torch.tensor(float(std)), persistent=False)
+        weights = torch.tensor(list(class_weights), dtype=torch.float) if class_weights is not None else None
+        self.register_buffer("class_weights", weights, persistent=False)
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.channels_last = channels_last
+        self.metrics = nn.ModuleDict(
+            {
+                stage: nn.ModuleDict(
+                    {k: metric_collection(num_classes, f"{stage}/{k}/", threshold) for k in [*self.keys, FUSED]}
+                )
+                for stage in ("val", "test")
+            }
+        )
+        self.train_acc = metric_collection(num_classes, "train/", threshold)["acc"]
+        self.test_outputs: dict[str, torch.Tensor] = {}
+        self._test_store: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        if channels_last:
+            self.to(memory_format=torch.channels_last)
+
+    # ---- forward -------------------------------------------------------------------------------------
+    def preprocess(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 or [0, 1] float images to normalised float with the backbone's channel count."""
+        x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+        x = (x - self.mean) / self.std
+        if x.shape[1] != self.hparams.in_chans:
+            x = x.expand(-1, self.hparams.in_chans, -1, -1)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor | None]:
+        """Branch logits and probabilities (B, K, C), fused probabilities (B, C) and fused logits or None."""
+        x = self.preprocess(x)
+        features, logits = [], []
+        for key in self.keys:
+            feat = self.backbones[key](x)
+            features.append(feat)
+            logits.append(self.heads[key](feat))
+        stacked = torch.stack(logits, dim=1).float()
+        probs = stacked.softmax(dim=2)
+        fused_probs, fused_logits = self.fusion(probs, [f.float() for f in features])
+        return {"logits": stacked, "probs": probs, "fused_probs": fused_probs, "fused_logits": fused_logits}
+
+    def _loss(self, out: Mapping[str, torch.Tensor | None], y: torch.Tensor) -> torch.Tensor:
+        logits = out["logits"]
+        n, k, c = logits.shape
+        branch_loss = (
+            F.cross_entropy(
+                logits.reshape(n * k, c), y.repeat_interleave(k), weight=self.class_weights, reduction="sum"
+            )
+            / n
+        )
+        if out["fused_logits"] is not None:
+            weight = float(self.hparams.fusion.get("loss_weight", 1.0))
+            branch_loss = branch_loss + weight * F.cross_entropy(out["fused_logits"], y, weight=self.class_weights)
+        return branch_loss
+
+    # ---- steps ---------------------------------------------------------------------------------------
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        out = self(x)
+        loss = self._loss(out, y)
+        self.train_acc.update(metric_input(out["fused_probs"].detach()), y)
+        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y))
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, batch_size=len(y))
+        return loss
+
+    def _eval_step(self, stage: str, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor | None]:
+        x, y = batch
+        out = self(x)
+        self.log(f"{stage}/loss", self._loss(out, y), on_step=False, on_epoch=True, batch_size=len(y))
+        collections = self.metrics[stage]
+        for i, key in enumerate(self.keys):
+            collections[key].update(metric_input(out["probs"][:, i]), y)
+        collections[FUSED].update(metric_input(out["fused_probs"]), y)
+        return out
+
+    def _log_collections(self, stage: str) -> None:
+        for collection in self.metrics[stage].values():
+            self.log_dict(collection.compute())
+            collection.reset()
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step("val", batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_collections("val")
+
+    def on_test_epoch_start(self) -> None:
+        self._test_store = []
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        out = self._eval_step("test", batch)
+        self._test_store.append((out["probs"].detach().cpu(), out["fused_probs"].detach().cpu(), batch[1].cpu()))
+
+    def on_test_epoch_end(self) -> None:
+        self._log_collections("test")
+        if self._test_store:
+            probs, fused, labels = (torch.cat(parts) for parts in zip(*self._test_store, strict=True))
+            self.test_outputs = {"probs": probs, "fused_probs": fused, "labels": labels}
+
+    @torch.no_grad()
+    def predict_loader(self, loader: torch.utils.data.DataLoader) -> tuple[torch.Tensor, torch.Tensor]:
+        """Branch probabilities (N, K, C) and labels of every batch of `loader`, in eval mode."""
+        was_training = self.training
+        self.eval()
+        probs, labels = [], []
+        for x, y in loader:
+            probs.append(self(x.to(self.device))["probs"].cpu())
+            labels.append(y)
+        self.train(was_training)
+        return torch.cat(probs), torch.cat(labels)
+
+    # ---- optimisation --------------------------------------------------------------------------------
+    def configure_optimizers(self) -> Any:
+        if self.optimizer_factory is None:
+            raise RuntimeError("FusionClassifier was built without an optimizer factory; it can only predict")
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = self.optimizer_factory(params)
+        if self.scheduler_factory is None:
+            return optimizer
+        accepted = inspect.signature(self.scheduler_factory).parameters
+        steps = int(self.trainer.estimated_stepping_batches)
+        extra = {}
+        if "total_steps" in accepted:
+            extra["total_steps"] = steps
+        elif "T_max" in accepted:
+            extra["T_max"] = steps
+        scheduler = self.scheduler_factory(optimizer, **extra)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,150 @@
+"""The train task: config -> data, model, trainer, MLflow run -> fit, fit fusion, test, log."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
+
+from xrayfusion import config as config_checks
+from xrayfusion import plots, tracking
+from xrayfusion.callbacks import EpochHistory
+from xrayfusion.data import XRayDataModule
+from xrayfusion.metrics import predict_labels
+from xrayfusion.models import FusionClassifier
+
+log = logging.getLogger(__name__)
+
+
+def run_name(cfg: DictConfig) -> str:
+    return cfg.logger.get("run_name") or f"{cfg.fusion.name}:{'+'.join(cfg.model.branches)}"
+
+
+def build_model(cfg: DictConfig, dm: XRayDataModule) -> FusionClassifier:
+    weights = dm.loss_weights()
+    scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
+    return FusionClassifier(
+        branches=list(cfg.model.branches),
+        num_classes=dm.num_classes,
+        fusion=OmegaConf.to_container(cfg.fusion, resolve=True),
+        in_chans=int(cfg.model.in_chans),
+        image_size=int(cfg.data.image_size),
+        class_names=dm.class_names,
+        class_weights=weights.tolist() if weights is not None else None,
+        pretrained=bool(cfg.model.pretrained),
+        drop_rate=float(cfg.model.drop_rate),
+        threshold=float(cfg.metrics.threshold),
+        channels_last=bool(cfg.model.get("channels_last", False)),
+        optimizer=instantiate(cfg.optimizer),
+        scheduler=scheduler,
+    )
+
+
+def _callbacks(cfg: DictConfig, ckpt_dir: Path) -> tuple[ModelCheckpoint, EpochHistory, list[pl.Callback]]:
+    mc = cfg.callbacks.model_checkpoint
+    checkpoint = ModelCheckpoint(
+        dirpath=ckpt_dir,
+        filename="epoch{epoch:03d}",
+        monitor=mc.monitor,
+        mode=mc.mode,
+        save_last=bool(mc.save_last),
+        auto_insert_metric_name=False,
+    )
+    history = EpochHistory()
+    callbacks: list[pl.Callback] = [checkpoint, history, LearningRateMonitor(logging_interval="epoch")]
+    es = cfg.callbacks.get("early_stopping")
+    if es is not None and es.get("enabled"):
+        callbacks.append(EarlyStopping(monitor=es.monitor, mode=es.mode, patience=int(es.patience)))
+    return checkpoint, history, callbacks
+
+
+def _log_figure(logger: Any, fig: Any, out_dir: Path, name: str) -> None:
+    path = out_dir / name
+    fig.savefig(path, dpi=110)
+    plots.plt.close(fig)
+    tracking.log_artifact(logger, path, "plots")
+
+
+def train(cfg: DictConfig) -> float | None:
+    """Run one training; returns the best value of `optimized_metric` (None when never validated)."""
+    config_checks.validate(cfg)
+    out_dir = Path(cfg.paths.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pl.seed_everything(int(cfg.seed), workers=True)
+
+    dm = XRayDataModule(OmegaConf.to_container(cfg.data, resolve=True))
+    source = dm.prepare()
+    model = build_model(cfg, dm)
+
+    tags = {"fusion": str(cfg.fusion.name), "branches": ",".join(cfg.model.branches), "data": str(cfg.data.name)}
+    logger = tracking.create_logger(cfg.logger, run_name(cfg), {**tags, **(cfg.logger.get("tags") or {})})
+    log.info("MLflow run %s (experiment %s)", logger.run_id, logger.experiment_id)
+    tracking.log_params(logger, OmegaConf.to_container(cfg, resolve=True))
+    tracking.log_params(
+        logger,
+        {
+            "data/class_names": ",".join(source.class_names),
+            "data/num_classes": len(source.class_names),
+            **{f"data/n_{s}": len(getattr(source, s)) for s in ("train", "val", "test") if getattr(source, s)},
+        },
+    )
+    config_path = out_dir / "config.yaml"
+    OmegaConf.save(cfg, config_path, resolve=True)
+    tracking.log_artifact(logger, config_path)
+
+    checkpoint, history, callbacks = _callbacks(cfg, out_dir / "checkpoints")
+    trainer: pl.Trainer = instantiate(
+        cfg.trainer, logger=logger, callbacks=callbacks, default_root_dir=str(out_dir), _convert_="partial"
+    )
+    try:
+        started = time.perf_counter()
+        trainer.fit(model, datamodule=dm)
+        fit_seconds = time.perf_counter() - started
+        if checkpoint.best_model_path:
+            state = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=True)
+            model.load_state_dict(state["state_dict"])
+            log.info(
+                "restored best checkpoint %s (%s=%s)",
+                checkpoint.best_model_path,
+                checkpoint.monitor,
+                checkpoint.best_model_score,
+            )
+        if model.fusion.needs_fit:
+            probs, labels = model.predict_loader(dm.loader("val"))
+            tracking.log_params(logger, model.fusion.fit(probs, labels))
+        final_ckpt = out_dir / "checkpoints" / "best.ckpt"
+        trainer.save_checkpoint(final_ckpt, weights_only=True)
+        tracking.log_artifact(logger, final_ckpt, "checkpoints")
+        logger.log_metrics({"time/fit_seconds": fit_seconds})
+
+        if cfg.get("test", True) and source.test is not None:
+            trainer.test(model, datamodule=dm, verbose=False)
+            outs = model.test_outputs
+            names = [*model.keys, "fused"]
+            probs_by_model = {k: outs["probs"][:, i] for i, k in enumerate(model.keys)}
+            probs_by_model["fused"] = outs["fused_probs"]
+            predicted = predict_labels(outs["fused_probs"], float(cfg.metrics.threshold))
+            _log_figure(
+                logger,
+                plots.confusion_matrix_figure(outs["labels"], predicted, source.class_names),
+                out_dir,
+                "confusion_matrix_test.png",
+            )
+            _log_figure(logger, plots.roc_figure(outs["labels"], probs_by_model), out_dir, "roc_test.png")
+            summary = {k: v for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
+            log.info("test: %s", {n: round(float(summary.get(f"test/{n}/auroc", float("nan"))), 4) for n in names})
+        if history.history:
+            _log_figure(logger, plots.training_curves_figure(history.history), out_dir, "training_curves.png")
+    except BaseException:
+        tracking.set_status(logger, "FAILED")
+        raise
+    tracking.set_status(logger, "FINISHED")
+    score = checkpoint.best_model_score
+    return float(score) if score is not None else None
