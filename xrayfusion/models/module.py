@@ -57,7 +57,7 @@ class FusionClassifier(pl.LightningModule):
         scheduler: Callable[..., Any] | None = None,
     ):
         super().__init__()
-        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"], logger=False)
         if num_classes < 2:
             raise ValueError(f"num_classes={num_classes}: at least two classes are needed")
         self.keys = branch_keys(list(branches))

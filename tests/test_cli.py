@@ -1,0 +1,67 @@
+"""End-to-end: the real CLI on tiny synthetic data, read back through the MLflow client."""
+
+import mlflow
+import pytest
+
+from tests.conftest import SMALL_SYNTHETIC
+
+
+def artifact_paths(client: mlflow.MlflowClient, run_id: str, path: str | None = None) -> list[str]:
+    found = []
+    for item in client.list_artifacts(run_id, path):
+        found += artifact_paths(client, run_id, item.path) if item.is_dir else [item.path]
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fusion", ["concat", "average", "voting", "stacking"])
+def test_train_each_fusion_logs_a_complete_run(run_cli, tracking_uri: str, fusion: str) -> None:
+    result = run_cli(["model=ensemble", "model.branches=[resnet18,small_cnn]", f"fusion={fusion}", *SMALL_SYNTHETIC])
+    assert result.returncode == 0, result.stderr[-3000:]
+    client = mlflow.MlflowClient(tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name("xrayfusion").experiment_id])
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED" and run.data.tags["fusion"] == fusion
+    metrics = run.data.metrics
+    for name in ("resnet18", "small_cnn", "fused"):
+        for metric in ("acc", "precision", "recall", "specificity", "f1", "auroc"):
+            assert f"test/{name}/{metric}" in metrics and f"val/{name}/{metric}" in metrics
+    assert 0.0 <= metrics["test/fused/auroc"] <= 1.0
+    assert "train/loss" in metrics and "val/loss" in metrics
+    assert run.data.params["fusion/name"] == fusion and run.data.params["model/branches"] == "['resnet18', 'small_cnn']"
+    artifacts = artifact_paths(client, run.info.run_id)
+    assert "checkpoints/best.ckpt" in artifacts and "config.yaml" in artifacts
+    for plot in ("confusion_matrix_test.png", "roc_test.png", "training_curves.png"):
+        assert f"plots/{plot}" in artifacts
+    if fusion == "stacking":
+        assert any(k.startswith("stacking/coef_") for k in run.data.params)
+
+
+@pytest.mark.slow
+def test_backbone_too_small_for_image_size_is_a_clean_error(run_cli) -> None:
+    result = run_cli(["model=single", "model.branches=[densenet121]", "data=synthetic", "data.image_size=28"])
+    assert result.returncode != 0
+    assert "densenet121" in result.stderr and "data.image_size=32" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+@pytest.mark.slow
+def test_kermany_layout_trains_end_to_end(run_cli, tracking_uri: str, kermany_root) -> None:
+    result = run_cli(
+        [
+            "data=kermany",
+            f"data.root={kermany_root}",
+            "data.image_size=32",
+            "data.val_fraction=0.25",
+            "model.branches=[small_cnn,darknet]",
+            "fusion=average",
+            "trainer.max_epochs=1",
+            "trainer.enable_progress_bar=false",
+        ]
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    client = mlflow.MlflowClient(tracking_uri)
+    run = client.search_runs([client.get_experiment_by_name("xrayfusion").experiment_id])[0]
+    assert run.data.params["data/n_test"] == "16"
+    assert int(run.data.params["data/n_train"]) + int(run.data.params["data/n_val"]) == 48

@@ -1,0 +1,43 @@
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from xrayfusion import config as config_checks
+from xrayfusion.errors import ConfigError
+
+CONF = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+def compose_train(*overrides: str):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose("train", overrides=list(overrides))
+
+
+@pytest.mark.parametrize("fusion", ["concat", "average", "voting", "stacking"])
+@pytest.mark.parametrize("data", ["synthetic", "kermany", "medmnist"])
+def test_groups_compose(fusion: str, data: str) -> None:
+    cfg = compose_train(f"fusion={fusion}", f"data={data}")
+    assert cfg.fusion.name == fusion and cfg.data.name == data
+
+
+def test_experiment_kermany_cpu() -> None:
+    cfg = compose_train("experiment=kermany_cpu")
+    assert cfg.data.name == "kermany" and list(cfg.model.branches) == ["resnet18", "mobilenetv2_100"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        (["model.branches=[resnet18,not_a_net]"], "not_a_net"),
+        (["fusion=stacking", "model=single"], "at least two branches"),
+        (["fusion=voting", "model=single"], "at least two branches"),
+        (["optimizer.lr=0"], "optimizer.lr"),
+        (["optimizer.lr=-1e-3"], "optimizer.lr"),
+        (["data.batch_size=0"], "data.batch_size"),
+        (["model=single", "model.branches=[densenet121]", "data.image_size=28"], "densenet121"),
+    ],
+)
+def test_invalid_configs_fail_before_training(overrides: list[str], needle: str) -> None:
+    with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
+        config_checks.validate(compose_train(*overrides))
