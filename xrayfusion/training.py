@@ -17,6 +17,7 @@ from xrayfusion import config as config_checks
 from xrayfusion import plots, tracking
 from xrayfusion.callbacks import EpochHistory
 from xrayfusion.data import XRayDataModule
+from xrayfusion.data.skipped import write_skipped_csv
 from xrayfusion.metrics import predict_labels
 from xrayfusion.models import FusionClassifier
 
@@ -86,15 +87,18 @@ def train(cfg: DictConfig) -> float | None:
     tags = {"fusion": str(cfg.fusion.name), "branches": ",".join(cfg.model.branches), "data": str(cfg.data.name)}
     logger = tracking.create_logger(cfg.logger, run_name(cfg), {**tags, **(cfg.logger.get("tags") or {})})
     log.info("MLflow run %s (experiment %s)", logger.run_id, logger.experiment_id)
-    tracking.log_params(logger, OmegaConf.to_container(cfg, resolve=True))
-    tracking.log_params(
+    tracking.log_params(  # one call: what the data turned out to hold wins over the config's data/class_names
         logger,
         {
+            **OmegaConf.to_container(cfg, resolve=True),
             "data/class_names": ",".join(source.class_names),
             "data/num_classes": len(source.class_names),
             **{f"data/n_{s}": len(getattr(source, s)) for s in ("train", "val", "test") if getattr(source, s)},
         },
     )
+    logger.log_metrics({"data/skipped": len(source.skipped)})
+    if source.skipped:
+        tracking.log_artifact(logger, write_skipped_csv(source.skipped, out_dir / "skipped_files.csv"))
     config_path = out_dir / "config.yaml"
     OmegaConf.save(cfg, config_path, resolve=True)
     tracking.log_artifact(logger, config_path)

@@ -10,6 +10,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
+from xrayfusion.data.skipped import check_strict, skipped_summary
 from xrayfusion.data.sources import ImageSet, SourceData, build_source
 from xrayfusion.data.transforms import TensorDataset, build_augment
 from xrayfusion.errors import ConfigError
@@ -38,14 +39,16 @@ class XRayDataModule(pl.LightningDataModule):
     def prepare(self) -> SourceData:
         """Decode the source once (idempotent); returns it."""
         if self.source is None:
-            self.source = build_source(self.cfg)
+            source = build_source(self.cfg)
+            check_strict(source.skipped, bool(self.cfg.get("strict", False)))
+            self.source = source
+            log.info("classes (label order): %s", {i: c for i, c in enumerate(source.class_names)})
             for split in ("train", "val", "test"):
                 s = getattr(self.source, split)
                 if s is not None:
                     log.info("%s: %d images, class counts %s", split, len(s), s.class_counts(self.num_classes))
             if self.source.skipped:
-                first = ", ".join(f.path for f in self.source.skipped[:5])
-                log.warning("skipped %d unreadable image(s): %s", len(self.source.skipped), first)
+                log.warning("%s (data.strict=true makes this an error)", skipped_summary(self.source.skipped))
         return self.source
 
     def setup(self, stage: str | None = None) -> None:

@@ -1,4 +1,4 @@
-"""Decode image files once into uint8 grey tensors at a fixed size."""
+"""Decode image files (JPEG, PNG 8/16-bit, grey or RGB, DICOM) once into uint8 grey tensors at a fixed size."""
 
 from __future__ import annotations
 
@@ -12,14 +12,29 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff")
+DICOM_SUFFIXES = (".dcm", ".dicom")
 
 
 @dataclass(frozen=True)
 class Failure:
-    """A file that could not be read, with the reason."""
+    """A file (or a folder, or a CSV row) that could not be used, with the reason."""
 
     path: str
     reason: str
+
+
+def is_dicom(path: Path) -> bool:
+    """A `.dcm`/`.dicom` suffix, or the 'DICM' preamble magic of suffix-less hospital exports."""
+    if path.suffix.lower() in DICOM_SUFFIXES:
+        return True
+    if path.suffix:
+        return False
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(128)
+            return fh.read(4) == b"DICM"
+    except OSError:
+        return False
 
 
 def load_grey(path: str | Path, size: int) -> np.ndarray:
@@ -29,24 +44,62 @@ def load_grey(path: str | Path, size: int) -> np.ndarray:
         raise ValueError("file not found")
     if path.stat().st_size == 0:
         raise ValueError("zero-byte file")
-    try:
-        with Image.open(path) as img:
-            img.load()
-            grey = _to_grey(img)
-    except (UnidentifiedImageError, OSError, SyntaxError) as err:
-        raise ValueError(f"cannot decode image ({err})") from err
+    if is_dicom(path):
+        grey = Image.fromarray(read_dicom(path), mode="L")
+    else:
+        try:
+            with Image.open(path) as img:
+                img.load()
+                grey = _to_grey(img)
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+            raise ValueError(f"cannot decode image ({err})") from err
     if grey.size != (size, size):
         grey = grey.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=None)
     return np.asarray(grey, dtype=np.uint8)
 
 
+def _scale_to_uint8(arr: np.ndarray, lo: float | None = None, hi: float | None = None) -> np.ndarray:
+    """Map [lo, hi] (the image's own range by default) linearly onto 0..255."""
+    arr = np.asarray(arr, dtype=np.float64)
+    lo = float(arr.min()) if lo is None else lo
+    hi = float(arr.max()) if hi is None else hi
+    if hi <= lo:
+        return np.zeros(arr.shape, dtype=np.uint8)
+    return np.clip((arr - lo) / (hi - lo) * 255.0, 0, 255).round().astype(np.uint8)
+
+
 def _to_grey(img: Image.Image) -> Image.Image:
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = np.asarray(img, dtype=np.float64)
-        lo, hi = float(arr.min()), float(arr.max())
-        scaled = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
-        return Image.fromarray(scaled.astype(np.uint8), mode="L")
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):  # 16-bit or wider: stretch to 8 bits
+        return Image.fromarray(_scale_to_uint8(np.asarray(img)), mode="L")
     return img.convert("L")
+
+
+def read_dicom(path: str | Path) -> np.ndarray:
+    """A DICOM image as uint8 grey: rescale slope/intercept (modality LUT), the file's VOI LUT or window when
+    present (else the image's own range), MONOCHROME1 inverted; first frame of multi-frame files."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    try:
+        ds = pydicom.dcmread(path)
+        arr = ds.pixel_array
+    except (InvalidDicomError, AttributeError, KeyError, ValueError, RuntimeError, OSError, EOFError) as err:
+        raise ValueError(f"cannot decode DICOM ({type(err).__name__}: {err})") from err
+    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+        arr = arr[0]
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    if int(ds.get("SamplesPerPixel", 1)) > 1:  # colour DICOM (secondary captures): mean of the channels
+        return _scale_to_uint8(arr.astype(np.float64).mean(-1), 0.0, float(2 ** int(ds.get("BitsStored", 8)) - 1))
+    values = apply_modality_lut(arr, ds)
+    lo = hi = None
+    if ds.get("VOILUTSequence") or ("WindowCenter" in ds and "WindowWidth" in ds):
+        values = apply_voi_lut(values, ds)
+        # the window's output range: what the lowest and highest possible inputs map to
+        probe = apply_voi_lut(np.array([-(2**31), 2**31 - 1], dtype=np.int64), ds)
+        lo, hi = float(np.min(probe)), float(np.max(probe))
+    grey = _scale_to_uint8(values, lo, hi)
+    return 255 - grey if photometric == "MONOCHROME1" else grey
 
 
 def decode_images(

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from xrayfusion.data.decode import IMAGE_SUFFIXES, Failure, decode_images
+from xrayfusion.data.decode import Failure, decode_images
 from xrayfusion.data.splits import carve_validation, patient_id
 from xrayfusion.errors import ConfigError, DataError
 
@@ -53,32 +53,76 @@ class SourceData:
     skipped: list[Failure] = field(default_factory=list)
 
 
+def decode_set(
+    paths: Sequence[Path], labels: Sequence[int], groups: Sequence[str], names: Sequence[str], size: int, workers: int
+) -> tuple[ImageSet, list[Failure]]:
+    """Decode `paths` into an ImageSet of the files that decoded, plus the failures."""
+    images, ok, failures = decode_images(paths, size, workers=workers)
+    image_set = ImageSet(
+        images=images,
+        labels=torch.as_tensor([labels[i] for i in ok], dtype=torch.long),
+        groups=[groups[i] for i in ok],
+        names=[names[i] for i in ok],
+    )
+    return image_set, failures
+
+
+def list_files(folder: Path) -> list[Path]:
+    """Every non-hidden file under `folder` (any depth), sorted; unreadable ones are reported when decoded."""
+    return sorted(
+        p for p in folder.rglob("*") if p.is_file() and not any(x.startswith(".") for x in p.relative_to(folder).parts)
+    )
+
+
+def _folder_group(cls_dir: Path, path: Path, group_fn: Callable[[str], str]) -> str:
+    """The patient: the first sub-folder under the class folder when files are nested, else from the name."""
+    rel = path.relative_to(cls_dir)
+    return rel.parts[0] if len(rel.parts) > 1 else group_fn(path.name)
+
+
 def _folder_split(
     split_dir: Path, class_names: Sequence[str], size: int, group_fn: Callable[[str], str], workers: int
 ) -> tuple[ImageSet, list[Failure]]:
     paths: list[Path] = []
     labels: list[int] = []
+    groups: list[str] = []
+    failures: list[Failure] = []
     for label, cls in enumerate(class_names):
         cls_dir = split_dir / cls
-        if not cls_dir.is_dir():
-            raise DataError(
-                f"{split_dir} has no class folder '{cls}'; expected {split_dir}/<class>/* for classes "
-                f"{list(class_names)}"
-            )
-        files = sorted(p for p in cls_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        files = list_files(cls_dir) if cls_dir.is_dir() else []
         paths += files
         labels += [label] * len(files)
-    images, ok, failures = decode_images(paths, size, workers=workers)
-    names = [f"{paths[i].parent.name}/{paths[i].name}" for i in ok]
-    return (
-        ImageSet(
-            images=images,
-            labels=torch.as_tensor([labels[i] for i in ok], dtype=torch.long),
-            groups=[group_fn(paths[i].name) for i in ok],
-            names=names,
-        ),
-        failures,
-    )
+        groups += [_folder_group(cls_dir, p, group_fn) for p in files]
+    for extra in sorted(p for p in split_dir.iterdir() if p.is_dir() and p.name not in class_names):
+        if not extra.name.startswith("."):
+            failures += [
+                Failure(str(p), f"class folder '{extra.name}' is not one of the classes {list(class_names)}")
+                for p in list_files(extra)
+            ]
+    names = [str(p.relative_to(split_dir)) for p in paths]
+    image_set, failed = decode_set(paths, labels, groups, names, size, workers)
+    return image_set, failures + failed
+
+
+def check_classes(split_name: str, split: ImageSet | None, class_names: Sequence[str], where: str) -> None:
+    """A split with no image of some class cannot be trained or validated on: fail naming the classes."""
+    if split is None:
+        return
+    counts = split.class_counts(len(class_names))
+    empty = [c for c, n in zip(class_names, counts, strict=True) if n == 0]
+    if empty:
+        raise DataError(
+            f"the {split_name} split of {where} has no readable images of class(es) {empty} "
+            f"(class counts {dict(zip(class_names, counts, strict=True))}); add images of those classes or "
+            "remove them from the data"
+        )
+
+
+def _find_split(root: Path, aliases: Sequence[str]) -> Path | None:
+    for name in aliases:
+        if (root / name).is_dir():
+            return root / name
+    return None
 
 
 def load_folder_source(
@@ -90,7 +134,11 @@ def load_folder_source(
     class_names: Sequence[str] | None = None,
     workers: int = 2,
 ) -> SourceData:
-    """Read ROOT/{train,test[,val]}/<class>/*; carve val out of train by group when val/ is absent."""
+    """Read ROOT/{train,test[,val]}/<class>/**; carve val out of train by patient when val/ is absent.
+
+    Classes are `class_names` (each must hold images in train/) or, when None, the sorted names of train/'s
+    sub-folders; an empty discovered class folder is dropped and reported.
+    """
     root = Path(root)
     if not root.is_dir():
         raise DataError(
@@ -104,28 +152,45 @@ def load_folder_source(
             f"data.root={root} has no train/ folder; expected ROOT/train/<class>/* and ROOT/test/<class>/*, "
             f"found {found}"
         )
-    if class_names is None:
-        class_names = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
-    if len(class_names) < 2:
-        raise DataError(f"{train_dir} holds {len(class_names)} class folder(s); at least two are needed")
     skipped: list[Failure] = []
+    if class_names is None:
+        folders = sorted(p.name for p in train_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+        class_names = [c for c in folders if list_files(train_dir / c)]
+        skipped += [
+            Failure(str(train_dir / c), "empty class folder: no files in train/, class dropped")
+            for c in folders
+            if c not in class_names
+        ]
+    else:
+        missing = [c for c in class_names if not (train_dir / c).is_dir()]
+        if missing:
+            found = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
+            raise DataError(
+                f"{train_dir} has no class folder(s) {missing}; expected {train_dir}/<class>/* for classes "
+                f"{list(class_names)}, found folders {found}"
+            )
+    if len(class_names) < 2:
+        raise DataError(
+            f"{train_dir} holds {len(class_names)} non-empty class folder(s) {list(class_names)}; at least two "
+            "are needed (expected ROOT/train/<class>/* with one folder per class)"
+        )
     train, failed = _folder_split(train_dir, class_names, size, group_fn, workers)
     skipped += failed
     val = test = None
-    if (root / "val").is_dir():
-        val, failed = _folder_split(root / "val", class_names, size, group_fn, workers)
+    val_dir = _find_split(root, ("val", "valid", "validation"))
+    if val_dir is not None:
+        val, failed = _folder_split(val_dir, class_names, size, group_fn, workers)
         skipped += failed
     else:
+        check_classes("train", train, class_names, str(root))
         train_idx, val_idx = carve_validation(train.labels.tolist(), train.groups, val_fraction, seed)
         train, val = train.subset(train_idx), train.subset(val_idx)
-    if (root / "test").is_dir():
-        test, failed = _folder_split(root / "test", class_names, size, group_fn, workers)
+    test_dir = _find_split(root, ("test", "testing"))
+    if test_dir is not None:
+        test, failed = _folder_split(test_dir, class_names, size, group_fn, workers)
         skipped += failed
-    for split_name, split in (("train", train), ("val", val)):
-        counts = split.class_counts(len(class_names)) if split is not None else []
-        empty = [c for c, n in zip(class_names, counts, strict=True) if n == 0]
-        if empty:
-            raise DataError(f"the {split_name} split of {root} has no images of class(es) {empty}")
+    check_classes("train", train, class_names, str(root))
+    check_classes("val", val, class_names, str(root))
     return SourceData(list(class_names), train, val, test, skipped)
 
 
@@ -191,7 +256,7 @@ def make_synthetic(n_train: int, n_val: int, n_test: int, size: int, num_classes
     return SourceData(names, make(n_train, "train"), make(n_val, "val"), make(n_test, "test"))
 
 
-SOURCES = ("synthetic", "kermany", "medmnist")
+SOURCES = ("synthetic", "kermany", "coronahack", "folder", "medmnist")
 
 
 def build_source(cfg: Mapping[str, Any]) -> SourceData:
@@ -220,6 +285,18 @@ def build_source(cfg: Mapping[str, Any]) -> SourceData:
             seed,
             group_fn=patient_id,
             class_names=cfg.get("class_names") or ["NORMAL", "PNEUMONIA"],
+        )
+    if name in ("coronahack", "folder") and not cfg.get("root"):
+        raise ConfigError(f"data.root is not set; pass data.root=/path/to/your/{name} data")
+    if name == "coronahack":
+        from xrayfusion.data.coronahack import load_coronahack
+
+        return load_coronahack(
+            cfg["root"], size, str(cfg.get("task", "binary")), float(cfg.get("val_fraction", 0.15)), seed
+        )
+    if name == "folder":
+        return load_folder_source(
+            cfg["root"], size, float(cfg.get("val_fraction", 0.15)), seed, class_names=cfg.get("class_names") or None
         )
     if name == "medmnist":
         return load_medmnist(cfg["path"], size, cfg.get("class_names"))
