@@ -17,7 +17,7 @@ from xrayfusion.data.decode import load_grey, read_dicom
 from xrayfusion.data.sources import load_folder_source
 from xrayfusion.errors import ConfigError, DataError
 
-CORONAHACK_HEADER = ["", "X_ray_image_name", "Label", "Dataset_type", "Label_2_Virus_category", "Label_1_Virus_category"]
+CORONAHACK_HEADER = ",X_ray_image_name,Label,Dataset_type,Label_2_Virus_category,Label_1_Virus_category".split(",")
 TRAIN_FAST = ["model.branches=[small_cnn,darknet]", "trainer.max_epochs=1", "trainer.enable_progress_bar=false"]
 
 
@@ -137,7 +137,8 @@ def test_coronahack_wrong_csv_or_layout_fails_naming_expected_and_found(tmp_path
     make_coronahack(root)
     text = (root / CSV_NAME).read_text().replace("Dataset_type", "Split")
     (root / CSV_NAME).write_text(text)
-    with pytest.raises(DataError, match=r"lacks the column\(s\) \['Dataset_type'\].*found ,X_ray_image_name,Label,Split"):
+    expected = r"lacks the column\(s\) \['Dataset_type'\].*found ,X_ray_image_name,Label,Split"
+    with pytest.raises(DataError, match=expected):
         load_coronahack(root, 32)
     (root / CSV_NAME).unlink()
     with pytest.raises(DataError, match=f"has no {CSV_NAME}.*found \\['{IMAGE_DIR}'\\]"):
@@ -203,7 +204,7 @@ def make_folder(root: Path, broken: bool = True) -> None:
     """ROOT/{train,test}/{Healthy,bacterial_pneu,viral}/ with 16-bit PNGs, RGB JPEGs and DICOMs (some MONOCHROME1)."""
     n = 0
     for split, patients in (("train", 8), ("test", 3)):
-        for k, cls in enumerate(["viral", "Healthy", "bacterial_pneu"]):
+        for cls in ["viral", "Healthy", "bacterial_pneu"]:
             label_k = {"Healthy": 0, "bacterial_pneu": 1, "viral": 2}[cls]
             for p in range(patients):
                 n += 1
