@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from xrayfusion import fusion_fit
 from xrayfusion.errors import ConfigError
 from xrayfusion.models.backbones import check_backbone_name, check_input_size, create_backbone
 from xrayfusion.models.fusion import FUSIONS
@@ -23,6 +24,7 @@ def validate(cfg: Mapping[str, Any]) -> None:
             f"fusion={fusion} needs at least two branches but model.branches={list(branches)} has one; "
             "add a branch or use fusion=average"
         )
+    fusion_fit.validate(cfg)
     lr = cfg["optimizer"].get("lr")
     if lr is None or float(lr) <= 0:
         raise ConfigError(f"optimizer.lr={lr} must be a positive number, e.g. optimizer.lr=1e-3")

@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 
 from xrayfusion import config as config_checks
-from xrayfusion import plots, tracking
+from xrayfusion import fusion_fit, plots, thresholds, tracking
 from xrayfusion.callbacks import EpochHistory
 from xrayfusion.data import XRayDataModule
 from xrayfusion.data.skipped import write_skipped_csv
@@ -41,7 +41,7 @@ def build_model(cfg: DictConfig, dm: XRayDataModule) -> FusionClassifier:
         class_weights=weights.tolist() if weights is not None else None,
         pretrained=bool(cfg.model.pretrained),
         drop_rate=float(cfg.model.drop_rate),
-        threshold=float(cfg.metrics.threshold),
+        threshold=thresholds.initial_threshold(cfg.metrics.threshold),
         channels_last=bool(cfg.model.get("channels_last", False)),
         optimizer=instantiate(cfg.optimizer),
         scheduler=scheduler,
@@ -120,9 +120,7 @@ def train(cfg: DictConfig) -> float | None:
                 checkpoint.monitor,
                 checkpoint.best_model_score,
             )
-        if model.fusion.needs_fit:
-            probs, labels = model.predict_loader(dm.loader("val"))
-            tracking.log_params(logger, model.fusion.fit(probs, labels))
+        fusion_fit.fit_fusion(cfg, model, dm, logger, out_dir, build_model)  # calibration, fusion fit, thresholds
         final_ckpt = out_dir / "checkpoints" / "best.ckpt"
         trainer.save_checkpoint(final_ckpt, weights_only=True)
         tracking.log_artifact(logger, final_ckpt, "checkpoints")
@@ -134,7 +132,7 @@ def train(cfg: DictConfig) -> float | None:
             names = [*model.keys, "fused"]
             probs_by_model = {k: outs["probs"][:, i] for i, k in enumerate(model.keys)}
             probs_by_model["fused"] = outs["fused_probs"]
-            predicted = predict_labels(outs["fused_probs"], float(cfg.metrics.threshold))
+            predicted = predict_labels(outs["fused_probs"], float(model.hparams.threshold))
             _log_figure(
                 logger,
                 plots.confusion_matrix_figure(outs["labels"], predicted, source.class_names),

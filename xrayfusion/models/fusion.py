@@ -6,15 +6,17 @@ when they have a trainable head (concat), the fused logits for the loss.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
-from sklearn.linear_model import LogisticRegression
+from scipy.optimize import minimize
 from torch import nn
 
 from xrayfusion.errors import ConfigError
+from xrayfusion.models import meta as meta_mod
 
 FusionOutput = tuple[torch.Tensor, torch.Tensor | None]
 
@@ -33,18 +35,51 @@ class Fusion(nn.Module):
     def forward(self, probs: torch.Tensor, features: Sequence[torch.Tensor]) -> FusionOutput:
         raise NotImplementedError
 
-    def fit(self, probs: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-        """Fit on held-out probabilities (N, K, C); returns params worth logging."""
+    def fit(self, probs: torch.Tensor, labels: torch.Tensor, names: Sequence[str] | None = None) -> dict[str, Any]:
+        """Fit on held-out probabilities (N, K, C); returns params worth logging (branches named by `names`)."""
         return {}
 
 
+def learn_weights(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Non-negative weights summing to 1 that minimise the log-loss of sum_k w_k probs[:, k]."""
+    n_branches = probs.shape[1]
+    p_true = np.clip(probs[np.arange(len(labels)), :, labels], 1e-12, 1.0)  # (N, K)
+
+    def loss(w: np.ndarray) -> tuple[float, np.ndarray]:
+        mix = np.clip(p_true @ w, 1e-12, None)
+        return float(-np.log(mix).mean()), -(p_true / mix[:, None]).mean(axis=0)
+
+    start = np.full(n_branches, 1.0 / n_branches)
+    result = minimize(
+        loss,
+        start,
+        jac=True,
+        method="SLSQP",
+        bounds=[(0.0, 1.0)] * n_branches,
+        constraints=[{"type": "eq", "fun": lambda w: w.sum() - 1.0, "jac": lambda w: np.ones_like(w)}],
+    )
+    w = np.clip(result.x, 0.0, None)
+    return w / w.sum() if w.sum() > 0 else start
+
+
 class AverageFusion(Fusion):
-    """Mean of branch probabilities, optionally weighted (weights are normalised to sum to 1)."""
+    """Mean of branch probabilities, optionally weighted (weights are normalised to sum to 1).
+
+    weights="learned" fits the weights on held-out probabilities (`fit`) by minimising log-loss.
+    """
 
     name = "average"
 
-    def __init__(self, n_branches: int, num_classes: int, weights: Sequence[float] | None = None):
+    def __init__(self, n_branches: int, num_classes: int, weights: Sequence[float] | str | None = None):
         super().__init__(n_branches, num_classes)
+        if isinstance(weights, str):
+            if weights != "learned":
+                raise ConfigError(
+                    f"fusion.weights={weights!r} is unknown; use fusion.weights=learned, a list such as "
+                    "fusion.weights=[2,1], or null"
+                )
+            self.needs_fit = True
+            weights = None
         if weights is None:
             w = torch.full((n_branches,), 1.0 / n_branches)
         else:
@@ -59,6 +94,14 @@ class AverageFusion(Fusion):
 
     def forward(self, probs: torch.Tensor, features: Sequence[torch.Tensor]) -> FusionOutput:
         return torch.einsum("bkc,k->bc", probs, self.weights.to(probs.dtype)), None
+
+    def fit(self, probs: torch.Tensor, labels: torch.Tensor, names: Sequence[str] | None = None) -> dict[str, Any]:
+        if not self.needs_fit:
+            return {}
+        w = learn_weights(probs.double().cpu().numpy(), labels.cpu().numpy())
+        self.weights.copy_(torch.from_numpy(w))
+        names = list(names) if names is not None else [str(i) for i in range(self.n_branches)]
+        return {f"average/weight_{n}": round(float(v), 6) for n, v in zip(names, w, strict=True)}
 
 
 class VotingFusion(Fusion):
@@ -102,57 +145,42 @@ def meta_features(probs: torch.Tensor) -> torch.Tensor:
 
 
 class StackingFusion(Fusion):
-    """Logistic-regression meta-learner over branch probabilities, stored as tensors (no pickle).
+    """A meta-learner (logreg, hgb or mlp) over branch probabilities, kept as JSON in the state dict.
 
+    The fitted meta-learner travels as `_extra_state` (a JSON string), never as a pickled estimator.
     Until fitted it returns the mean of branch probabilities.
     """
 
     name = "stacking"
     needs_fit = True
 
-    def __init__(self, n_branches: int, num_classes: int, C: float = 1.0):
+    def __init__(self, n_branches: int, num_classes: int, C: float = 1.0, meta: str = "logreg", seed: int = 0):
         super().__init__(n_branches, num_classes)
         self.C = float(C)
-        n_in = n_branches if num_classes == 2 else n_branches * num_classes
-        n_out = 1 if num_classes == 2 else num_classes
-        self.register_buffer("coef", torch.zeros(n_out, n_in))
-        self.register_buffer("intercept", torch.zeros(n_out))
-        self.register_buffer("fitted", torch.tensor(False))
+        self.meta = meta_mod.check_meta(meta)
+        self.seed = int(seed)
+        self.spec: dict[str, Any] | None = None
+
+    @property
+    def fitted(self) -> bool:
+        return self.spec is not None
 
     def forward(self, probs: torch.Tensor, features: Sequence[torch.Tensor]) -> FusionOutput:
-        if not bool(self.fitted):
+        if self.spec is None:
             return probs.mean(dim=1), None
-        z = meta_features(probs) @ self.coef.to(probs.dtype).T + self.intercept.to(probs.dtype)
-        if self.num_classes == 2:
-            p1 = torch.sigmoid(z[:, 0])
-            return torch.stack([1 - p1, p1], dim=1), None
-        return z.softmax(dim=1), None
+        return meta_mod.predict_proba(self.spec, meta_features(probs), self.num_classes), None
 
-    def fit(self, probs: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-        x = meta_features(probs.float()).cpu().numpy()
-        y = labels.cpu().numpy()
-        present = np.unique(y)
-        if len(present) < 2:
-            raise ConfigError("stacking needs held-out predictions of at least two classes to fit the meta-learner")
-        meta = LogisticRegression(C=self.C, max_iter=1000)
-        meta.fit(x, y)
-        coef = np.zeros(tuple(self.coef.shape))
-        intercept = np.zeros(tuple(self.intercept.shape))
-        if self.num_classes == 2:
-            coef[:], intercept[:] = meta.coef_, meta.intercept_
-        else:
-            intercept[:] = -1e4  # classes absent from the held-out set are never predicted
-            if len(present) == 2:  # sklearn fits one logit z; softmax([-z/2, z/2]) equals sigmoid(z)
-                rows = [-0.5 * meta.coef_[0], 0.5 * meta.coef_[0]]
-                biases = [-0.5 * meta.intercept_[0], 0.5 * meta.intercept_[0]]
-            else:
-                rows, biases = list(meta.coef_), list(meta.intercept_)
-            for cls, row, bias in zip(meta.classes_, rows, biases, strict=True):
-                coef[cls], intercept[cls] = row, bias
-        self.coef.copy_(torch.from_numpy(coef))
-        self.intercept.copy_(torch.from_numpy(intercept))
-        self.fitted.fill_(True)
-        return {f"stacking/coef_{i}": float(v) for i, v in enumerate(coef.reshape(-1))}
+    def fit(self, probs: torch.Tensor, labels: torch.Tensor, names: Sequence[str] | None = None) -> dict[str, Any]:
+        x = meta_features(probs.double()).cpu().numpy()
+        self.spec = meta_mod.fit_meta(self.meta, x, labels.cpu().numpy(), C=self.C, seed=self.seed)
+        return meta_mod.summary_params(self.spec)
+
+    def get_extra_state(self) -> dict[str, str]:
+        return {"meta": json.dumps(self.spec) if self.spec is not None else ""}
+
+    def set_extra_state(self, state: Mapping[str, str]) -> None:
+        text = state.get("meta", "") if state else ""
+        self.spec = json.loads(text) if text else None
 
 
 FUSIONS = ("concat", "average", "voting", "stacking")
@@ -172,7 +200,11 @@ def build_fusion(cfg: Mapping[str, Any], n_branches: int, num_classes: int, feat
         return ConcatFusion(n_branches, num_classes, feature_dims, float(cfg.get("dropout", 0.2)))
     if name == "average":
         weights = cfg.get("weights")
-        return AverageFusion(n_branches, num_classes, list(weights) if weights is not None else None)
+        if weights is not None and not isinstance(weights, str):
+            weights = list(weights)
+        return AverageFusion(n_branches, num_classes, weights)
     if name == "voting":
         return VotingFusion(n_branches, num_classes, bool(cfg.get("soft", False)))
-    return StackingFusion(n_branches, num_classes, float(cfg.get("C", 1.0)))
+    return StackingFusion(
+        n_branches, num_classes, float(cfg.get("C", 1.0)), str(cfg.get("meta", "logreg")), int(cfg.get("seed", 0))
+    )

@@ -70,6 +70,8 @@ class FusionClassifier(pl.LightningModule):
             self.heads[key] = nn.Linear(backbone.num_features, num_classes)
         dims = [self.backbones[k].num_features for k in self.keys]
         self.fusion = build_fusion(dict(fusion), len(self.keys), num_classes, dims)
+        # per-branch temperature applied to branch logits before softmax (1 = uncalibrated); see calibration.py
+        self.register_buffer("temperature", torch.ones(len(self.keys)))
         self.register_buffer("mean", torch.tensor(float(mean)), persistent=False)
         self.register_buffer("std", torch.tensor(float(std)), persistent=False)
         weights = torch.tensor(list(class_weights), dtype=torch.float) if class_weights is not None else None
@@ -111,7 +113,7 @@ class FusionClassifier(pl.LightningModule):
             features.append(feat)
             logits.append(self.heads[key](feat))
         stacked = torch.stack(logits, dim=1).float()
-        probs = stacked.softmax(dim=2)
+        probs = (stacked / self.temperature.view(1, -1, 1)).softmax(dim=2)
         fused_probs, fused_logits = self.fusion(probs, [f.float() for f in features])
         return {"logits": stacked, "probs": probs, "fused_probs": fused_probs, "fused_logits": fused_logits}
 

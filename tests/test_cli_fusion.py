@@ -1,0 +1,90 @@
+"""End-to-end: cross-fitted stacking, meta-learners, learned weights, calibration and thresholds via the CLI."""
+
+import csv
+import json
+
+import mlflow
+import pytest
+import torch
+
+from tests.conftest import SMALL_SYNTHETIC
+
+
+def parent_and_children(tracking_uri: str) -> tuple[mlflow.entities.Run, list[mlflow.entities.Run]]:
+    client = mlflow.MlflowClient(tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name("xrayfusion").experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    return parents[0], children
+
+
+def read_csv(tracking_uri: str, run_id: str, name: str) -> list[dict[str, str]]:
+    path = mlflow.MlflowClient(tracking_uri).download_artifacts(run_id, name)
+    with open(path) as fh:
+        return list(csv.DictReader(fh))
+
+
+@pytest.mark.slow
+def test_cross_fitted_stacking_logs_folds_oof_calibration_and_thresholds(run_cli, tracking_uri: str) -> None:
+    args = ["model=ensemble", "model.branches=[resnet18,small_cnn]", "fusion=stacking", "fusion.cv=2"]
+    result = run_cli([*args, "fusion.calibrate=true", "metrics.threshold=youden", *SMALL_SYNTHETIC])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "fold 1/2" in result.stderr and "fold 2/2" in result.stderr
+    parent, folds = parent_and_children(tracking_uri)
+    assert parent.info.status == "FINISHED" and len(folds) == 2
+    assert sorted(r.data.params["fold/index"] for r in folds) == ["1", "2"]
+    assert sum(int(r.data.params["fold/n_heldout"]) for r in folds) == 64
+    assert all(r.info.status == "FINISHED" and "oof/resnet18/auroc" in r.data.metrics for r in folds)
+    metrics, params = parent.data.metrics, parent.data.params
+    assert 0.0 <= metrics["test/fused/auroc"] <= 1.0 and "time/crossfit_seconds" in metrics
+    for name in ("resnet18", "small_cnn", "fused"):
+        assert 0.0 <= metrics[f"test/{name}/ece"] <= 1.0
+        assert 0.0 <= float(params[f"threshold/{name}"]) <= 1.0
+    for name in ("resnet18", "small_cnn"):
+        assert float(params[f"calibration/temperature_{name}"]) > 0
+        assert f"calibration/{name}/val_ece_after" in metrics
+    assert params["fusion/fitted_on"] == "oof_cv2" and params["stacking/meta"] == "logreg"
+    rows = read_csv(tracking_uri, parent.info.run_id, "oof_predictions.csv")
+    # one out-of-fold row per training image, none from validation or test
+    assert len(rows) == 64 and len({r["name"] for r in rows}) == 64
+    assert all(r["name"].startswith("train-") and r["fold"] in ("1", "2") for r in rows)
+    assert {"resnet18/pneumonia", "small_cnn/normal"} <= set(rows[0])
+    ckpt = mlflow.MlflowClient(tracking_uri).download_artifacts(parent.info.run_id, "checkpoints/best.ckpt")
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    assert state["hyper_parameters"]["threshold"] == pytest.approx(float(params["threshold/fused"]), abs=1e-5)
+    assert json.loads(state["state_dict"]["fusion._extra_state"]["meta"])["kind"] == "logreg"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "fusion_args,fitted_param",
+    [
+        (["fusion=stacking", "fusion.meta=hgb"], "stacking/hgb_trees"),
+        (["fusion=stacking", "fusion.meta=mlp"], "stacking/mlp_layers"),
+        (["fusion=average", "fusion.weights=learned"], "average/weight_small_cnn"),
+    ],
+)
+def test_holdout_fits_log_what_they_fitted(run_cli, tracking_uri: str, fusion_args: list, fitted_param: str) -> None:
+    args = ["model.branches=[small_cnn,small_cnn]", *fusion_args, "metrics.threshold=sensitivity@0.9"]
+    result = run_cli([*args, *SMALL_SYNTHETIC])
+    assert result.returncode == 0, result.stderr[-3000:]
+    parent, folds = parent_and_children(tracking_uri)
+    assert folds == [] and parent.info.status == "FINISHED"
+    params = parent.data.params
+    assert fitted_param in params and params["fusion/fitted_on"] == "holdout"
+    if "average/weight_small_cnn" in params:
+        total = float(params["average/weight_small_cnn"]) + float(params["average/weight_small_cnn_2"])
+        assert total == pytest.approx(1.0, abs=1e-4)
+    rows = read_csv(tracking_uri, parent.info.run_id, "oof_predictions.csv")
+    assert len(rows) == 32 and all(r["name"].startswith("val-") and r["fold"] == "holdout" for r in rows)
+    assert "threshold/fused" in params and "test/fused/ece" in parent.data.metrics
+
+
+@pytest.mark.slow
+def test_bad_fusion_options_fail_before_training(run_cli) -> None:
+    result = run_cli(["fusion=voting", "+fusion.cv=3", *SMALL_SYNTHETIC])
+    assert result.returncode != 0 and "only applies to fitted fusions" in result.stderr
+    result = run_cli(["fusion=stacking", "metrics.threshold=best", *SMALL_SYNTHETIC])
+    assert result.returncode != 0 and "metrics.threshold='best'" in result.stderr
+    assert "Traceback" not in result.stderr
