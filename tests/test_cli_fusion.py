@@ -30,7 +30,8 @@ def test_cross_fitted_stacking_logs_folds_oof_calibration_and_thresholds(run_cli
     args = ["model=ensemble", "model.branches=[resnet18,small_cnn]", "fusion=stacking", "fusion.cv=2"]
     result = run_cli([*args, "fusion.calibrate=true", "metrics.threshold=youden", *SMALL_SYNTHETIC])
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "fold 1/2" in result.stderr and "fold 2/2" in result.stderr
+    output = result.stdout + result.stderr
+    assert "fold 1/2" in output and "fold 2/2" in output
     parent, folds = parent_and_children(tracking_uri)
     assert parent.info.status == "FINISHED" and len(folds) == 2
     assert sorted(r.data.params["fold/index"] for r in folds) == ["1", "2"]
