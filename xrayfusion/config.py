@@ -9,6 +9,7 @@ from xrayfusion import fusion_fit
 from xrayfusion.errors import ConfigError
 from xrayfusion.models.backbones import check_backbone_name, check_input_size, create_backbone
 from xrayfusion.models.fusion import FUSIONS
+from xrayfusion.models.pretrained import has_pretrained, resolve_weights
 
 
 def validate(cfg: Mapping[str, Any]) -> None:
@@ -36,7 +37,30 @@ def validate(cfg: Mapping[str, Any]) -> None:
         raise ConfigError(f"trainer.max_epochs={epochs} must be positive")
     for name in branches:
         check_backbone_name(str(name))
+    _check_transfer(cfg["model"], [str(b) for b in branches])
     size = int(cfg["data"].get("image_size", 64))
     in_chans = int(cfg["model"].get("in_chans", 1))
     for name in branches:
         check_input_size(str(name), create_backbone(str(name), in_chans=in_chans), in_chans, size)
+
+
+def _check_transfer(model: Mapping[str, Any], branches: list[str]) -> None:
+    """Pretrained weights exist (offline: the files are in model.weights_dir); freezing options are valid."""
+    epochs = model.get("freeze_backbone_epochs") or 0
+    if int(epochs) < 0:
+        raise ConfigError(f"model.freeze_backbone_epochs={epochs} must be 0 or more")
+    layers = model.get("trainable_layers")
+    if layers is not None and int(layers) < 0:
+        raise ConfigError(f"model.trainable_layers={layers} must be null (all) or a number of top stages >= 0")
+    scale = model.get("backbone_lr_scale", 0.1)
+    if scale is None or float(scale) <= 0:
+        raise ConfigError(f"model.backbone_lr_scale={scale} must be a positive number, e.g. 0.1")
+    if not model.get("pretrained"):
+        return
+    if not any(has_pretrained(b) for b in branches):
+        raise ConfigError(
+            f"model.pretrained=true but no branch of {branches} has ImageNet weights (the project CNNs train "
+            "from scratch); add a timm branch or set model.pretrained=false"
+        )
+    for name in branches:
+        resolve_weights(name, model.get("weights_dir"))

@@ -18,6 +18,7 @@ from xrayfusion import fusion_fit, plots, thresholds, tracking
 from xrayfusion.callbacks import EpochHistory
 from xrayfusion.data import XRayDataModule
 from xrayfusion.data.skipped import write_skipped_csv
+from xrayfusion.finetuning import freeze_callbacks
 from xrayfusion.metrics import predict_labels
 from xrayfusion.models import FusionClassifier
 
@@ -40,6 +41,7 @@ def build_model(cfg: DictConfig, dm: XRayDataModule) -> FusionClassifier:
         class_names=dm.class_names,
         class_weights=weights.tolist() if weights is not None else None,
         pretrained=bool(cfg.model.pretrained),
+        weights_dir=cfg.model.get("weights_dir"),
         drop_rate=float(cfg.model.drop_rate),
         threshold=thresholds.initial_threshold(cfg.metrics.threshold),
         channels_last=bool(cfg.model.get("channels_last", False)),
@@ -104,6 +106,8 @@ def train(cfg: DictConfig) -> float | None:
     tracking.log_artifact(logger, config_path)
 
     checkpoint, history, callbacks = _callbacks(cfg, out_dir / "checkpoints")
+    callbacks += freeze_callbacks(cfg.model, model)
+    tracking.log_params(logger, {f"weights/{k}": v or "none" for k, v in model.weights_sources.items()})
     trainer: pl.Trainer = instantiate(
         cfg.trainer, logger=logger, callbacks=callbacks, default_root_dir=str(out_dir), _convert_="partial"
     )

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import difflib
+import logging
 from functools import cache
+from pathlib import Path
 
 import timm
 import torch
@@ -11,6 +13,9 @@ from torch import nn
 
 from xrayfusion.errors import ConfigError
 from xrayfusion.models import cnns  # noqa: F401  (registers the project CNNs)
+from xrayfusion.models.pretrained import PretrainedWeights, file_keys, resolve_weights
+
+log = logging.getLogger(__name__)
 
 _CANDIDATE_SIZES = (32, 48, 64, 96, 128, 160, 192, 224, 256, 299, 320, 384)
 
@@ -34,13 +39,60 @@ def check_backbone_name(name: str) -> None:
     )
 
 
-def create_backbone(name: str, in_chans: int = 1, pretrained: bool = False, drop_rate: float = 0.0) -> nn.Module:
-    """A feature extractor (`num_classes=0`) exposing `num_features`; pooled features from `forward`."""
+def create_backbone(
+    name: str,
+    in_chans: int = 1,
+    pretrained: bool = False,
+    drop_rate: float = 0.0,
+    weights_dir: str | Path | None = None,
+) -> nn.Module:
+    """A feature extractor (`num_classes=0`) exposing `num_features`; pooled features from `forward`.
+
+    `pretrained=True` loads ImageNet weights through timm (from `weights_dir/<name>*.pth|.safetensors`, else
+    timm's hub) and records where they came from in `weights_source`; project CNNs stay randomly initialised.
+    """
     check_backbone_name(name)
     kwargs = {"num_classes": 0, "in_chans": in_chans}
     if drop_rate:
         kwargs["drop_rate"] = drop_rate
-    return timm.create_model(name, pretrained=pretrained, **kwargs)
+    weights = resolve_weights(name, weights_dir) if pretrained else None
+    if weights is None:
+        if pretrained:
+            log.warning("backbone %s has no ImageNet weights (a project CNN): it trains from scratch", name)
+        backbone = timm.create_model(name, **kwargs)
+        backbone.weights_source = None
+        return backbone
+    return _create_pretrained(name, weights, kwargs)
+
+
+def _create_pretrained(name: str, weights: PretrainedWeights, kwargs: dict) -> nn.Module:
+    try:  # timm's own loader: weights_only=True, in_chans adaptation of the first conv, classifier dropped
+        backbone = timm.create_model(
+            name, pretrained=True, pretrained_cfg_overlay={"file": str(weights.path)}, **kwargs
+        )
+    except RuntimeError as err:  # shape mismatches
+        raise ConfigError(f"weights {weights.describe()} do not fit backbone {name!r}: {err}") from err
+    expected = {k for k in backbone.state_dict() if not k.endswith("num_batches_tracked")}
+    missing = sorted(expected - file_keys(weights.path))
+    if missing:
+        raise ConfigError(
+            f"weights {weights.describe()} do not fit backbone {name!r}: {len(missing)} of {len(expected)} tensors "
+            f"missing (e.g. {', '.join(missing[:3])}); use a state dict saved from timm's {name}"
+        )
+    backbone.weights_source = weights.describe()
+    log.info("backbone %s: ImageNet weights loaded from %s", name, weights.describe())
+    return backbone
+
+
+def input_stats(backbone: nn.Module, in_chans: int) -> tuple[list[float], list[float]] | None:
+    """Per-channel mean/std of the backbone's pretrained weights (grey = RGB average); None when it has none."""
+    cfg = getattr(backbone, "pretrained_cfg", None) or {}
+    if "mean" not in cfg or "std" not in cfg:
+        return None
+    mean, std = list(cfg["mean"]), list(cfg["std"])
+    if in_chans != len(mean):
+        mean, std = [sum(mean) / len(mean)] * in_chans, [sum(std) / len(std)] * in_chans
+    return mean, std
 
 
 def _forward_ok(backbone: nn.Module, in_chans: int, size: int) -> bool:

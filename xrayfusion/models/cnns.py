@@ -8,6 +8,8 @@ import torch
 from timm.models import register_model
 from torch import nn
 
+PROJECT_CNNS = ("small_cnn", "darknet")  # no pretrained weights exist for these
+
 
 def _conv(c_in: int, c_out: int, k: int = 3, act: type[nn.Module] = nn.ReLU) -> nn.Sequential:
     return nn.Sequential(

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from xrayfusion.metrics import metric_collection, metric_input
-from xrayfusion.models.backbones import check_input_size, create_backbone
+from xrayfusion.models.backbones import check_input_size, create_backbone, input_stats
 from xrayfusion.models.fusion import build_fusion
 
 FUSED = "fused"
@@ -35,7 +35,9 @@ def branch_keys(names: Sequence[str]) -> list[str]:
 class FusionClassifier(pl.LightningModule):
     """Branches (backbone + own linear head) trained together on each batch, fused by a strategy.
 
-    Inputs are uint8 (B, C, H, W) images; normalisation happens on the device.
+    Inputs are uint8 (B, C, H, W) images; normalisation happens on the device, per branch: the mean/std of its
+    ImageNet weights when `pretrained`, else `mean`/`std`. `load_weights=False` rebuilds a pretrained model
+    (normalisation included) without reading weight files, e.g. before loading a checkpoint offline.
     """
 
     def __init__(
@@ -50,6 +52,8 @@ class FusionClassifier(pl.LightningModule):
         class_names: Sequence[str] | None = None,
         class_weights: Sequence[float] | None = None,
         pretrained: bool = False,
+        weights_dir: str | None = None,
+        load_weights: bool = True,
         drop_rate: float = 0.0,
         threshold: float = 0.5,
         channels_last: bool = False,
@@ -63,17 +67,25 @@ class FusionClassifier(pl.LightningModule):
         self.keys = branch_keys(list(branches))
         self.backbones = nn.ModuleDict()
         self.heads = nn.ModuleDict()
+        self.weights_sources: dict[str, str | None] = {}  # where each branch's pretrained weights came from
+        stats = []
         for name, key in zip(branches, self.keys, strict=True):
-            backbone = create_backbone(name, in_chans=in_chans, pretrained=pretrained, drop_rate=drop_rate)
+            backbone = create_backbone(
+                name, in_chans, pretrained and load_weights, drop_rate, weights_dir if pretrained else None
+            )
             check_input_size(name, backbone, in_chans, image_size)
             self.backbones[key] = backbone
             self.heads[key] = nn.Linear(backbone.num_features, num_classes)
+            self.weights_sources[key] = backbone.weights_source
+            stats.append((pretrained and input_stats(backbone, in_chans)) or ([mean] * in_chans, [std] * in_chans))
         dims = [self.backbones[k].num_features for k in self.keys]
         self.fusion = build_fusion(dict(fusion), len(self.keys), num_classes, dims)
         # per-branch temperature applied to branch logits before softmax (1 = uncalibrated); see calibration.py
         self.register_buffer("temperature", torch.ones(len(self.keys)))
-        self.register_buffer("mean", torch.tensor(float(mean)), persistent=False)
-        self.register_buffer("std", torch.tensor(float(std)), persistent=False)
+        # (K, C, 1, 1): one row per branch
+        self.register_buffer("mean", torch.tensor([m for m, _ in stats]).float()[..., None, None], persistent=False)
+        self.register_buffer("std", torch.tensor([s for _, s in stats]).float()[..., None, None], persistent=False)
+        self.shared_stats = bool((self.mean == self.mean[0]).all() and (self.std == self.std[0]).all())
         weights = torch.tensor(list(class_weights), dtype=torch.float) if class_weights is not None else None
         self.register_buffer("class_weights", weights, persistent=False)
         self.optimizer_factory = optimizer
@@ -94,10 +106,10 @@ class FusionClassifier(pl.LightningModule):
             self.to(memory_format=torch.channels_last)
 
     # ---- forward -------------------------------------------------------------------------------------
-    def preprocess(self, x: torch.Tensor) -> torch.Tensor:
-        """uint8 or [0, 1] float images to normalised float with the backbone's channel count."""
+    def preprocess(self, x: torch.Tensor, branch: int = 0) -> torch.Tensor:
+        """uint8 or [0, 1] float images to float normalised for branch `branch`, with the backbone's channels."""
         x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
-        x = (x - self.mean) / self.std
+        x = (x - self.mean[branch]) / self.std[branch]
         if x.shape[1] != self.hparams.in_chans:
             x = x.expand(-1, self.hparams.in_chans, -1, -1)
         if self.channels_last:
@@ -106,10 +118,10 @@ class FusionClassifier(pl.LightningModule):
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor | None]:
         """Branch logits and probabilities (B, K, C), fused probabilities (B, C) and fused logits or None."""
-        x = self.preprocess(x)
+        shared = self.preprocess(x) if self.shared_stats else None
         features, logits = [], []
-        for key in self.keys:
-            feat = self.backbones[key](x)
+        for i, key in enumerate(self.keys):
+            feat = self.backbones[key](shared if shared is not None else self.preprocess(x, i))
             features.append(feat)
             logits.append(self.heads[key](feat))
         stacked = torch.stack(logits, dim=1).float()

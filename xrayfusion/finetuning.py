@@ -1,0 +1,128 @@
+"""Freeze-then-unfreeze fine-tuning of pretrained backbones on Lightning's BaseFinetuning machinery."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import pytorch_lightning as pl
+import timm
+from pytorch_lightning.callbacks import BaseFinetuning
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.optim import Optimizer
+
+log = logging.getLogger(__name__)
+
+_SCALED_KEYS = ("lr", "initial_lr", "max_lr", "min_lr")  # per-group values that schedulers keep
+
+
+def backbone_stages(backbone: nn.Module) -> list[list[nn.Module]]:
+    """Modules holding parameters, grouped by stage from input to output.
+
+    Stages are timm's coarse parameter groups (`group_matcher(coarse=True)`: stem, each block stage, head
+    conv); models without a group matcher (the project CNNs) use their top-level layers.
+    """
+    owners = {name: m for name, m in backbone.named_modules() if list(m.parameters(recurse=False))}
+    if hasattr(backbone, "group_matcher"):
+        groups = timm.models.group_parameters(backbone, backbone.group_matcher(coarse=True))
+        stage_of = {pname: i for i, (_, names) in enumerate(sorted(groups.items())) for pname in names}
+        stages: list[list[nn.Module]] = [[] for _ in groups]
+        for name, module in owners.items():
+            first = next(n for n, _ in module.named_parameters(recurse=False))
+            stages[stage_of[f"{name}.{first}" if name else first]].append(module)
+        return [s for s in stages if s]
+    layers = []
+    for child in backbone.children():
+        layers += list(child.children()) if isinstance(child, nn.Sequential) else [child]
+    return [[m] for m in layers if any(True for _ in m.parameters())]
+
+
+def top_stages(backbone: nn.Module, k: int | None) -> list[nn.Module]:
+    """The modules of the top `k` stages (all when k is None)."""
+    stages = backbone_stages(backbone)
+    chosen = stages if k is None else stages[len(stages) - k :] if k > 0 else []
+    return [m for stage in chosen for m in stage]
+
+
+class BackboneFreeze(BaseFinetuning):
+    """Train heads (and the fusion head) only for `freeze_epochs`, then unfreeze the backbones' top
+    `trainable_layers` stages (all when None) with `lr_scale` x the head learning rate, following its schedule.
+
+    Frozen parameters have `requires_grad=False`, so they get no gradients and no optimizer state; frozen
+    BatchNorm layers run in eval mode (running statistics of the pretrained weights, not updated).
+    """
+
+    def __init__(
+        self,
+        freeze_epochs: int = 0,
+        trainable_layers: int | None = None,
+        lr_scale: float = 0.1,
+        keys: Sequence[str] | None = None,
+    ) -> None:
+        super().__init__()
+        self.freeze_epochs = int(freeze_epochs)
+        self.trainable_layers = trainable_layers
+        self.lr_scale = float(lr_scale)
+        self.keys = list(keys) if keys is not None else None  # branches to freeze; None = all
+        self._unfrozen = False
+
+    def _backbones(self, pl_module: pl.LightningModule) -> list[nn.Module]:
+        keys = self.keys if self.keys is not None else list(pl_module.backbones.keys())
+        return [pl_module.backbones[k] for k in keys]
+
+    def freeze_before_training(self, pl_module: pl.LightningModule) -> None:
+        self.freeze(self._backbones(pl_module), train_bn=False)
+
+    def finetune_function(self, pl_module: pl.LightningModule, epoch: int, optimizer: Optimizer) -> None:
+        if self._unfrozen or epoch < self.freeze_epochs:
+            return
+        self._unfrozen = True
+        modules = [m for b in self._backbones(pl_module) for m in top_stages(b, self.trainable_layers)]
+        if not modules:
+            return
+        n_groups = len(optimizer.param_groups)
+        lr = optimizer.param_groups[0]["lr"] * self.lr_scale
+        self.unfreeze_and_add_param_group(modules, optimizer, lr=lr, train_bn=True)
+        if len(optimizer.param_groups) > n_groups:
+            self._follow_schedule(pl_module.trainer, optimizer)
+        n_params = sum(p.numel() for m in modules for p in m.parameters(recurse=False))
+        log.info("epoch %d: unfroze %d backbone parameters (lr x %g)", epoch, n_params, self.lr_scale)
+
+    def _follow_schedule(self, trainer: pl.Trainer, optimizer: Optimizer) -> None:
+        """Give the new param group the first group's scheduler state, learning rates scaled."""
+        first, new = optimizer.param_groups[0], optimizer.param_groups[-1]
+        for key, value in first.items():
+            if key in _SCALED_KEYS:
+                new[key] = value * self.lr_scale
+            elif key not in new:
+                new[key] = value
+        for config in trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            if getattr(scheduler, "optimizer", None) is optimizer and hasattr(scheduler, "base_lrs"):
+                scheduler.base_lrs.append(scheduler.base_lrs[0] * self.lr_scale)
+                if hasattr(scheduler, "_last_lr"):
+                    scheduler._last_lr.append(new["lr"])
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_epoch_start(trainer, pl_module)
+        for backbone in self._backbones(pl_module):
+            for module in backbone.modules():
+                if isinstance(module, _BatchNorm):
+                    module.train(any(p.requires_grad for p in module.parameters()))
+
+
+def freeze_callbacks(model_cfg: Mapping[str, Any], model: pl.LightningModule) -> list[pl.Callback]:
+    """[BackboneFreeze] when `model.freeze_backbone_epochs` or `model.trainable_layers` asks for it, else [].
+
+    Only the branches that loaded pretrained weights are frozen (all of them when none did).
+    """
+    epochs = int(model_cfg.get("freeze_backbone_epochs") or 0)
+    layers = model_cfg.get("trainable_layers")
+    if not epochs and layers is None:
+        return []
+    keys = [k for k, source in model.weights_sources.items() if source] or list(model.weights_sources)
+    scale = float(model_cfg.get("backbone_lr_scale", 0.1))
+    log.info("freezing backbones %s for %d epoch(s), trainable_layers=%s, lr x %g", keys, epochs, layers, scale)
+    return [BackboneFreeze(epochs, None if layers is None else int(layers), scale, keys)]
