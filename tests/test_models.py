@@ -60,3 +60,11 @@ def test_module_forward_and_loss(fusion: str) -> None:
 def test_three_channel_backbone_takes_grey_input() -> None:
     model = FusionClassifier(["small_cnn"], 2, {"name": "average"}, in_chans=3, image_size=32)
     assert model(torch.zeros(2, 1, 32, 32, dtype=torch.uint8))["fused_probs"].shape == (2, 2)
+
+
+def test_branch_heads_take_the_width_forward_returns() -> None:
+    # timm's VGG returns its 4096-wide pre-logits features, wider than its num_features (512)
+    model = FusionClassifier(["vgg11", "small_cnn"], 2, {"name": "concat"}, image_size=32)
+    out = model(torch.randint(0, 255, (2, 1, 32, 32), dtype=torch.uint8))
+    assert model.heads["vgg11"].in_features == 4096
+    assert out["probs"].shape == (2, 2, 2) and out["fused_logits"].shape == (2, 2)

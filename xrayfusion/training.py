@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 
 from xrayfusion import config as config_checks
-from xrayfusion import fusion_fit, plots, thresholds, tracking
+from xrayfusion import fusion_fit, plots, sweep, thresholds, tracking
 from xrayfusion.callbacks import EpochHistory
 from xrayfusion.data import XRayDataModule
 from xrayfusion.data.skipped import write_skipped_csv
@@ -87,6 +87,7 @@ def train(cfg: DictConfig) -> float | None:
     model = build_model(cfg, dm)
 
     tags = {"fusion": str(cfg.fusion.name), "branches": ",".join(cfg.model.branches), "data": str(cfg.data.name)}
+    tags.update(sweep.sweep_tags(cfg.logger.get("sweep_id"), cfg.logger.get("sweep_job")))
     logger = tracking.create_logger(cfg.logger, run_name(cfg), {**tags, **(cfg.logger.get("tags") or {})})
     log.info("MLflow run %s (experiment %s)", logger.run_id, logger.experiment_id)
     tracking.log_params(  # one call: what the data turned out to hold wins over the config's data/class_names
@@ -151,6 +152,7 @@ def train(cfg: DictConfig) -> float | None:
     except BaseException:
         tracking.set_status(logger, "FAILED")
         raise
-    tracking.set_status(logger, "FINISHED")
     score = checkpoint.best_model_score
+    logger.log_metrics(sweep.best_metric(str(cfg.optimized_metric), None if score is None else float(score)))
+    tracking.set_status(logger, "FINISHED")
     return float(score) if score is not None else None

@@ -95,6 +95,12 @@ def input_stats(backbone: nn.Module, in_chans: int) -> tuple[list[float], list[f
     return mean, std
 
 
+def feature_dim(backbone: nn.Module) -> int:
+    """Width of the pooled features `forward` returns: timm's `head_hidden_size` (VGG's 4096-wide pre-logits
+    layer) where a model has one, else `num_features`."""
+    return int(getattr(backbone, "head_hidden_size", None) or backbone.num_features)
+
+
 def _forward_ok(backbone: nn.Module, in_chans: int, size: int) -> bool:
     try:
         with torch.no_grad():

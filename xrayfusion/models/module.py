@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from xrayfusion.metrics import metric_collection, metric_input
-from xrayfusion.models.backbones import check_input_size, create_backbone, input_stats
+from xrayfusion.models.backbones import check_input_size, create_backbone, feature_dim, input_stats
 from xrayfusion.models.fusion import build_fusion
 
 FUSED = "fused"
@@ -75,10 +75,10 @@ class FusionClassifier(pl.LightningModule):
             )
             check_input_size(name, backbone, in_chans, image_size)
             self.backbones[key] = backbone
-            self.heads[key] = nn.Linear(backbone.num_features, num_classes)
+            self.heads[key] = nn.Linear(feature_dim(backbone), num_classes)
             self.weights_sources[key] = backbone.weights_source
             stats.append((pretrained and input_stats(backbone, in_chans)) or ([mean] * in_chans, [std] * in_chans))
-        dims = [self.backbones[k].num_features for k in self.keys]
+        dims = [feature_dim(self.backbones[k]) for k in self.keys]
         self.fusion = build_fusion(dict(fusion), len(self.keys), num_classes, dims)
         # per-branch temperature applied to branch logits before softmax (1 = uncalibrated); see calibration.py
         self.register_buffer("temperature", torch.ones(len(self.keys)))
