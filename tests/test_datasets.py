@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 from pathlib import Path
 
 import mlflow
@@ -327,3 +328,60 @@ def test_cli_wrong_csv_fails_at_once(run_cli, tmp_path: Path) -> None:
     result = run_cli(["data=coronahack", f"data.root={root}", "data.image_size=32", *TRAIN_FAST])
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "X_ray_image_name" in result.stderr and "found name,label" in result.stderr
+
+
+# ---------------------------------------------------------------- decode cache and dataset report
+
+
+def test_decode_cache_is_reused_and_invalidated_by_a_changed_file(tmp_path: Path, monkeypatch) -> None:
+    from xrayfusion.data import decode
+
+    paths = [write_rgb_jpeg(tmp_path / f"{i}.jpeg", i % 3, seed=i) for i in range(4)]
+    cache = tmp_path / "cache"
+    first = decode.decode_files(paths, 32, cache_dir=cache)
+    assert len(list(cache.glob("decoded-*.pt"))) == 1 and first.sizes == [(40, 40)] * 4
+
+    def no_reading(path, size):
+        raise AssertionError(f"{path} was decoded again")
+
+    with monkeypatch.context() as m:  # same files, sizes and mtimes: served from the cache, nothing is read
+        m.setattr(decode, "_load", no_reading)
+        cached = decode.decode_files(paths, 32, cache_dir=cache)
+    assert cached.images.equal(first.images) and cached.ok == first.ok and cached.sizes == first.sizes
+    Image.fromarray(np.zeros((40, 40), dtype=np.uint8)).save(paths[0])  # a changed file: a new key
+    os.utime(paths[0], ns=(paths[0].stat().st_atime_ns, paths[0].stat().st_mtime_ns + 10**9))
+    again = decode.decode_files(paths, 32, cache_dir=cache)
+    assert int(again.images[0].max()) == 0 and again.images[1:].equal(first.images[1:])
+    assert len(list(cache.glob("decoded-*.pt"))) == 2
+    for f in cache.glob("decoded-*.pt"):  # a damaged cache file is a miss, never an error
+        f.write_bytes(b"cut short")
+    assert decode.decode_files(paths, 32, cache_dir=cache).images.equal(again.images)
+
+
+def test_dataset_report_counts_patients_sizes_and_leaks(kermany_root: Path) -> None:
+    from xrayfusion.data.report import dataset_report
+
+    (kermany_root / "test" / "NORMAL" / "IM-0999-0001.jpeg").write_bytes(b"")
+    data = build_source({"name": "kermany", "root": str(kermany_root), "image_size": 32, "val_fraction": 0.25})
+    report = dataset_report(data)
+    lines = report.splitlines()
+    assert lines[0] == "classes (label order): 0=NORMAL, 1=PNEUMONIA"
+    test_row = next(line.split() for line in lines if line.startswith("test"))
+    assert test_row == ["test", "16", "8", "8", "8", "40x40"]  # 4 normal + 4 pneumonia patients
+    assert "skipped: 1 file(s) skipped: IM-0999-0001.jpeg (zero-byte file)" in report
+    assert "patients in two splits: train+test: " in report  # the fixture reuses patient ids across splits
+
+
+@pytest.mark.slow
+def test_cli_data_report_and_warm_cache(run_cli, tmp_path: Path) -> None:
+    make_coronahack(tmp_path / "ch")
+    args = ["data=coronahack", f"data.root={tmp_path / 'ch'}", "data.task=three_class", "data.image_size=32"]
+    cold = run_cli(args, module="data")
+    assert cold.returncode == 0, cold.stderr[-3000:]
+    assert "classes (label order): 0=normal, 1=bacterial, 2=viral" in cold.stdout
+    test_row = next(line.split() for line in cold.stdout.splitlines() if line.startswith("test"))
+    assert test_row[:5] == ["test", "18", "6", "6", "6"] and test_row[-1] == "40x40"
+    assert "skipped: 3 file(s) skipped" in cold.stdout and "patients in two splits: none" in cold.stdout
+    assert len(list((tmp_path / ".cache" / "xrayfusion").glob("decoded-*.pt"))) == 2  # train and test
+    warm = run_cli(args, module="data")
+    assert warm.returncode == 0 and warm.stdout.splitlines()[1:] == cold.stdout.splitlines()[1:]

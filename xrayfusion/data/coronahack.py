@@ -87,6 +87,7 @@ def load_coronahack(
     seed: int = 0,
     group_fn: Callable[[str], str] = patient_id,
     workers: int = 2,
+    cache_dir: str | Path | None = None,
 ) -> SourceData:
     """Train and test from the CSV's Dataset_type; validation carved out of train by patient."""
     if task not in TASKS:
@@ -124,7 +125,9 @@ def load_coronahack(
             sets[split] = None
             continue
         names = [f"{split}/{p.name}" for p in paths]
-        sets[split], failed = decode_set(paths, labels, [group_fn(p.name) for p in paths], names, size, workers)
+        sets[split], failed = decode_set(
+            paths, labels, [group_fn(p.name) for p in paths], names, size, workers, cache_dir
+        )
         skipped += failed
     train, test = sets["train"], sets["test"]
     if train is None:

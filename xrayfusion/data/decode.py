@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff")
 DICOM_SUFFIXES = (".dcm", ".dicom")
+IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff", *DICOM_SUFFIXES)
+CACHE_VERSION = 1  # bump when decoding changes, so old cache files are not reused
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -39,6 +46,11 @@ def is_dicom(path: Path) -> bool:
 
 def load_grey(path: str | Path, size: int) -> np.ndarray:
     """Read one image as a (size, size) uint8 grey array; raises ValueError with a reason."""
+    return _load(path, size)[0]
+
+
+def _load(path: str | Path, size: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """The (size, size) uint8 grey array and the file's original (width, height)."""
     path = Path(path)
     if not path.exists():
         raise ValueError("file not found")
@@ -53,9 +65,10 @@ def load_grey(path: str | Path, size: int) -> np.ndarray:
                 grey = _to_grey(img)
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
             raise ValueError(f"cannot decode image ({err})") from err
+    original = grey.size
     if grey.size != (size, size):
         grey = grey.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=None)
-    return np.asarray(grey, dtype=np.uint8)
+    return np.asarray(grey, dtype=np.uint8), original
 
 
 def _scale_to_uint8(arr: np.ndarray, lo: float | None = None, hi: float | None = None) -> np.ndarray:
@@ -102,6 +115,86 @@ def read_dicom(path: str | Path) -> np.ndarray:
     return 255 - grey if photometric == "MONOCHROME1" else grey
 
 
+@dataclass
+class Decoded:
+    """Images of the files that decoded (N_ok, 1, size, size), their indices into the input, original
+    (width, height) per decoded file, and the failures."""
+
+    images: torch.Tensor
+    ok: list[int]
+    sizes: list[tuple[int, int]] = field(default_factory=list)
+    failures: list[Failure] = field(default_factory=list)
+
+
+def cache_key(paths: Sequence[str | Path], size: int) -> str:
+    """A digest of the file list with each file's byte size and mtime, the output size and the decoder version."""
+    entries = []
+    for p in paths:
+        try:
+            st = os.stat(p)
+            entries.append((str(p), st.st_size, st.st_mtime_ns))
+        except OSError:
+            entries.append((str(p), -1, -1))
+    blob = json.dumps([CACHE_VERSION, size, entries]).encode()
+    return hashlib.sha256(blob).hexdigest()[:32]
+
+
+def _read_cache(path: Path) -> Decoded | None:
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        return Decoded(
+            blob["images"],
+            list(blob["ok"]),
+            [tuple(s) for s in blob["sizes"]],
+            [Failure(p, r) for p, r in blob["failures"]],
+        )
+    except Exception as err:  # a cache file cut short or from another version is only a miss
+        log.warning("ignoring unreadable decode cache %s (%s)", path, err)
+        return None
+
+
+def _write_cache(path: Path, decoded: Decoded) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    blob = {
+        "images": decoded.images,
+        "ok": decoded.ok,
+        "sizes": [list(s) for s in decoded.sizes],
+        "failures": [[f.path, f.reason] for f in decoded.failures],
+    }
+    torch.save(blob, tmp)
+    os.replace(tmp, path)
+
+
+def decode_files(
+    paths: Sequence[str | Path], size: int, workers: int = 2, cache_dir: str | Path | None = None
+) -> Decoded:
+    """Decode `paths` once; with `cache_dir`, reuse the result of the same files (same sizes and mtimes)."""
+    cache_file = Path(cache_dir) / f"decoded-{cache_key(paths, size)}.pt" if cache_dir else None
+    if cache_file is not None and cache_file.is_file():
+        cached = _read_cache(cache_file)
+        if cached is not None:
+            return cached
+
+    def one(p: str | Path) -> tuple[np.ndarray, tuple[int, int]] | Failure:
+        try:
+            return _load(p, size)
+        except ValueError as err:
+            return Failure(str(p), str(err))
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        results = list(pool.map(one, paths))
+    ok = [i for i, r in enumerate(results) if not isinstance(r, Failure)]
+    if ok:
+        images = torch.from_numpy(np.stack([results[i][0] for i in ok])[:, None])
+    else:
+        images = torch.empty((0, 1, size, size), dtype=torch.uint8)
+    decoded = Decoded(images, ok, [tuple(results[i][1]) for i in ok], [r for r in results if isinstance(r, Failure)])
+    if cache_file is not None:
+        _write_cache(cache_file, decoded)
+    return decoded
+
+
 def decode_images(
     paths: Sequence[str | Path], size: int, workers: int = 2
 ) -> tuple[torch.Tensor, list[int], list[Failure]]:
@@ -109,20 +202,5 @@ def decode_images(
 
     Returns the tensor, the indices of `paths` that decoded, and the failures.
     """
-
-    def one(p: str | Path) -> np.ndarray | Failure:
-        try:
-            return load_grey(p, size)
-        except ValueError as err:
-            return Failure(str(p), str(err))
-
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        results = list(pool.map(one, paths))
-    ok = [i for i, r in enumerate(results) if not isinstance(r, Failure)]
-    failures = [r for r in results if isinstance(r, Failure)]
-    if ok:
-        stacked = np.stack([results[i] for i in ok])[:, None]
-        images = torch.from_numpy(stacked)
-    else:
-        images = torch.empty((0, 1, size, size), dtype=torch.uint8)
-    return images, ok, failures
+    decoded = decode_files(paths, size, workers)
+    return decoded.images, decoded.ok, decoded.failures

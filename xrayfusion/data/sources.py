@@ -11,19 +11,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from xrayfusion.data.decode import Failure, decode_images
+from xrayfusion.data.decode import Failure, decode_files
 from xrayfusion.data.splits import carve_validation, patient_id
 from xrayfusion.errors import ConfigError, DataError
 
 
 @dataclass
 class ImageSet:
-    """Decoded images (N, 1, H, W) uint8, labels (N,), patient groups and file names."""
+    """Decoded images (N, 1, H, W) uint8, labels (N,), patient groups, file names, original (width, height)."""
 
     images: torch.Tensor
     labels: torch.Tensor
     groups: list[str]
     names: list[str]
+    sizes: list[tuple[int, int]] | None = None
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -36,6 +37,7 @@ class ImageSet:
             labels=self.labels[index],
             groups=[self.groups[i] for i in idx_list],
             names=[self.names[i] for i in idx_list],
+            sizes=[self.sizes[i] for i in idx_list] if self.sizes is not None else None,
         )
 
     def class_counts(self, num_classes: int) -> list[int]:
@@ -54,17 +56,25 @@ class SourceData:
 
 
 def decode_set(
-    paths: Sequence[Path], labels: Sequence[int], groups: Sequence[str], names: Sequence[str], size: int, workers: int
+    paths: Sequence[Path],
+    labels: Sequence[int],
+    groups: Sequence[str],
+    names: Sequence[str],
+    size: int,
+    workers: int,
+    cache_dir: str | Path | None = None,
 ) -> tuple[ImageSet, list[Failure]]:
-    """Decode `paths` into an ImageSet of the files that decoded, plus the failures."""
-    images, ok, failures = decode_images(paths, size, workers=workers)
+    """Decode `paths` (through the decode cache when `cache_dir` is set) into an ImageSet, plus the failures."""
+    decoded = decode_files(paths, size, workers=workers, cache_dir=cache_dir)
+    ok = decoded.ok
     image_set = ImageSet(
-        images=images,
+        images=decoded.images,
         labels=torch.as_tensor([labels[i] for i in ok], dtype=torch.long),
         groups=[groups[i] for i in ok],
         names=[names[i] for i in ok],
+        sizes=decoded.sizes,
     )
-    return image_set, failures
+    return image_set, decoded.failures
 
 
 def list_files(folder: Path) -> list[Path]:
@@ -81,7 +91,12 @@ def _folder_group(cls_dir: Path, path: Path, group_fn: Callable[[str], str]) -> 
 
 
 def _folder_split(
-    split_dir: Path, class_names: Sequence[str], size: int, group_fn: Callable[[str], str], workers: int
+    split_dir: Path,
+    class_names: Sequence[str],
+    size: int,
+    group_fn: Callable[[str], str],
+    workers: int,
+    cache_dir: str | Path | None = None,
 ) -> tuple[ImageSet, list[Failure]]:
     paths: list[Path] = []
     labels: list[int] = []
@@ -100,7 +115,7 @@ def _folder_split(
                 for p in list_files(extra)
             ]
     names = [str(p.relative_to(split_dir)) for p in paths]
-    image_set, failed = decode_set(paths, labels, groups, names, size, workers)
+    image_set, failed = decode_set(paths, labels, groups, names, size, workers, cache_dir)
     return image_set, failures + failed
 
 
@@ -133,11 +148,12 @@ def load_folder_source(
     group_fn: Callable[[str], str] = patient_id,
     class_names: Sequence[str] | None = None,
     workers: int = 2,
+    cache_dir: str | Path | None = None,
 ) -> SourceData:
     """Read ROOT/{train,test[,val]}/<class>/**; carve val out of train by patient when val/ is absent.
 
     Classes are `class_names` (each must hold images in train/) or, when None, the sorted names of train/'s
-    sub-folders; an empty discovered class folder is dropped and reported.
+    sub-folders; an empty discovered class folder is dropped and reported. `cache_dir` keeps decoded arrays.
     """
     root = Path(root)
     if not root.is_dir():
@@ -174,12 +190,12 @@ def load_folder_source(
             f"{train_dir} holds {len(class_names)} non-empty class folder(s) {list(class_names)}; at least two "
             "are needed (expected ROOT/train/<class>/* with one folder per class)"
         )
-    train, failed = _folder_split(train_dir, class_names, size, group_fn, workers)
+    train, failed = _folder_split(train_dir, class_names, size, group_fn, workers, cache_dir)
     skipped += failed
     val = test = None
     val_dir = _find_split(root, ("val", "valid", "validation"))
     if val_dir is not None:
-        val, failed = _folder_split(val_dir, class_names, size, group_fn, workers)
+        val, failed = _folder_split(val_dir, class_names, size, group_fn, workers, cache_dir)
         skipped += failed
     else:
         check_classes("train", train, class_names, str(root))
@@ -187,7 +203,7 @@ def load_folder_source(
         train, val = train.subset(train_idx), train.subset(val_idx)
     test_dir = _find_split(root, ("test", "testing"))
     if test_dir is not None:
-        test, failed = _folder_split(test_dir, class_names, size, group_fn, workers)
+        test, failed = _folder_split(test_dir, class_names, size, group_fn, workers, cache_dir)
         skipped += failed
     check_classes("train", train, class_names, str(root))
     check_classes("val", val, class_names, str(root))
@@ -227,7 +243,8 @@ def load_medmnist(path: str | Path, size: int, class_names: Sequence[str] | None
         imgs = _resize_uint8(imgs[:, None], size)
         labels = torch.from_numpy(arrays[f"{split}_labels"].reshape(-1).astype(np.int64))
         ids = [f"{split}-{i}" for i in range(len(labels))]
-        splits[split] = ImageSet(imgs, labels, ids, ids)
+        height, width = arrays[f"{split}_images"].shape[1:3]
+        splits[split] = ImageSet(imgs, labels, ids, ids, [(int(width), int(height))] * len(labels))
     return SourceData(names, splits["train"], splits["val"], splits["test"])
 
 
@@ -285,6 +302,7 @@ def build_source(cfg: Mapping[str, Any]) -> SourceData:
             seed,
             group_fn=patient_id,
             class_names=cfg.get("class_names") or ["NORMAL", "PNEUMONIA"],
+            cache_dir=cfg.get("cache_dir"),
         )
     if name in ("coronahack", "folder") and not cfg.get("root"):
         raise ConfigError(f"data.root is not set; pass data.root=/path/to/your/{name} data")
@@ -292,11 +310,21 @@ def build_source(cfg: Mapping[str, Any]) -> SourceData:
         from xrayfusion.data.coronahack import load_coronahack
 
         return load_coronahack(
-            cfg["root"], size, str(cfg.get("task", "binary")), float(cfg.get("val_fraction", 0.15)), seed
+            cfg["root"],
+            size,
+            str(cfg.get("task", "binary")),
+            float(cfg.get("val_fraction", 0.15)),
+            seed,
+            cache_dir=cfg.get("cache_dir"),
         )
     if name == "folder":
         return load_folder_source(
-            cfg["root"], size, float(cfg.get("val_fraction", 0.15)), seed, class_names=cfg.get("class_names") or None
+            cfg["root"],
+            size,
+            float(cfg.get("val_fraction", 0.15)),
+            seed,
+            class_names=cfg.get("class_names") or None,
+            cache_dir=cfg.get("cache_dir"),
         )
     if name == "medmnist":
         return load_medmnist(cfg["path"], size, cfg.get("class_names"))
