@@ -12,10 +12,12 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.utilities import rank_zero_only
 
 from xrayfusion import config as config_checks
-from xrayfusion import fusion_fit, plots, sweep, thresholds, tracking
+from xrayfusion import fusion_fit, plots, resilience, sweep, thresholds, tracking
 from xrayfusion.callbacks import EpochHistory
+from xrayfusion.checkpoints import AtomicCheckpointIO
 from xrayfusion.data import XRayDataModule
 from xrayfusion.data.skipped import write_skipped_csv
 from xrayfusion.finetuning import freeze_callbacks
@@ -61,7 +63,12 @@ def _callbacks(cfg: DictConfig, ckpt_dir: Path) -> tuple[ModelCheckpoint, EpochH
         auto_insert_metric_name=False,
     )
     history = EpochHistory()
-    callbacks: list[pl.Callback] = [checkpoint, history, LearningRateMonitor(logging_interval="epoch")]
+    callbacks: list[pl.Callback] = [
+        checkpoint,
+        history,
+        LearningRateMonitor(logging_interval="epoch"),
+        resilience.FiniteLossGuard(),
+    ]
     es = cfg.callbacks.get("early_stopping")
     if es is not None and es.get("enabled"):
         callbacks.append(EarlyStopping(monitor=es.monitor, mode=es.mode, patience=int(es.patience)))
@@ -69,15 +76,19 @@ def _callbacks(cfg: DictConfig, ckpt_dir: Path) -> tuple[ModelCheckpoint, EpochH
 
 
 def _log_figure(logger: Any, fig: Any, out_dir: Path, name: str) -> None:
-    path = out_dir / name
-    fig.savefig(path, dpi=110)
+    if rank_zero_only.rank == 0:  # under DDP every process plots; one writes and logs
+        path = out_dir / name
+        fig.savefig(path, dpi=110)
+        tracking.log_artifact(logger, path, "plots")
     plots.plt.close(fig)
-    tracking.log_artifact(logger, path, "plots")
 
 
 def train(cfg: DictConfig) -> float | None:
     """Run one training; returns the best value of `optimized_metric` (None when never validated)."""
     config_checks.validate(cfg)
+    uri = tracking.resolve_tracking_uri(cfg.logger.get("tracking_uri"))
+    tracking.prepare_store(uri)  # an unreachable tracking server fails here, before any data is read
+    resume = resilience.find_resume(uri, str(cfg.resume_run_id)) if cfg.get("resume_run_id") else None
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(int(cfg.seed), workers=True)
@@ -88,7 +99,13 @@ def train(cfg: DictConfig) -> float | None:
 
     tags = {"fusion": str(cfg.fusion.name), "branches": ",".join(cfg.model.branches), "data": str(cfg.data.name)}
     tags.update(sweep.sweep_tags(cfg.logger.get("sweep_id"), cfg.logger.get("sweep_job")))
-    logger = tracking.create_logger(cfg.logger, run_name(cfg), {**tags, **(cfg.logger.get("tags") or {})})
+    logger = tracking.create_logger(
+        cfg.logger, run_name(cfg), {**tags, **(cfg.logger.get("tags") or {})}, run_id=resume and resume.run_id
+    )
+    ckpt_dir = resume.checkpoint_dir if resume else (out_dir / "checkpoints").resolve()
+    tracking.set_tags(logger, {resilience.CHECKPOINT_DIR_TAG: ckpt_dir})
+    if resume:
+        tracking.set_status(logger, "RUNNING")
     log.info("MLflow run %s (experiment %s)", logger.run_id, logger.experiment_id)
     tracking.log_params(  # one call: what the data turned out to hold wins over the config's data/class_names
         logger,
@@ -106,15 +123,20 @@ def train(cfg: DictConfig) -> float | None:
     OmegaConf.save(cfg, config_path, resolve=True)
     tracking.log_artifact(logger, config_path)
 
-    checkpoint, history, callbacks = _callbacks(cfg, out_dir / "checkpoints")
+    checkpoint, history, callbacks = _callbacks(cfg, ckpt_dir)
     callbacks += freeze_callbacks(cfg.model, model)
     tracking.log_params(logger, {f"weights/{k}": v or "none" for k, v in model.weights_sources.items()})
     trainer: pl.Trainer = instantiate(
-        cfg.trainer, logger=logger, callbacks=callbacks, default_root_dir=str(out_dir), _convert_="partial"
+        cfg.trainer,
+        logger=logger,
+        callbacks=callbacks,
+        plugins=[AtomicCheckpointIO()],
+        default_root_dir=str(out_dir),
+        _convert_="partial",
     )
     try:
         started = time.perf_counter()
-        trainer.fit(model, datamodule=dm)
+        trainer.fit(model, datamodule=dm, ckpt_path=resume and resume.checkpoint, weights_only=True)
         fit_seconds = time.perf_counter() - started
         if checkpoint.best_model_path:
             state = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=True)
@@ -149,7 +171,8 @@ def train(cfg: DictConfig) -> float | None:
             log.info("test: %s", {n: round(float(summary.get(f"test/{n}/auroc", float("nan"))), 4) for n in names})
         if history.history:
             _log_figure(logger, plots.training_curves_figure(history.history), out_dir, "training_curves.png")
-    except BaseException:
+    except BaseException as err:
+        tracking.set_tags(logger, {resilience.FAILURE_TAG: resilience.failure_reason(err)})
         tracking.set_status(logger, "FAILED")
         raise
     score = checkpoint.best_model_score

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, WeightedRandomSampler
 from xrayfusion.data.skipped import check_strict, skipped_summary
 from xrayfusion.data.sources import ImageSet, SourceData, build_source
 from xrayfusion.data.transforms import TensorDataset, build_augment
+from xrayfusion.distributed import eval_sampler
 from xrayfusion.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -73,9 +74,9 @@ class XRayDataModule(pl.LightningDataModule):
     def split(self, name: str) -> ImageSet | None:
         return getattr(self.prepare(), name)
 
-    def _loader(self, split: ImageSet, train: bool) -> DataLoader:
+    def _loader(self, split: ImageSet, train: bool, distributed: bool = False) -> DataLoader:
         dataset = TensorDataset(split.images, split.labels, self.augment if train else None)
-        sampler = None
+        sampler = None if train or not distributed else eval_sampler(dataset, self.trainer)
         if train and self.balance == "sampler":
             per_sample = self.class_weights()[split.labels]
             sampler = WeightedRandomSampler(per_sample, num_samples=len(split), replacement=True)
@@ -96,13 +97,13 @@ class XRayDataModule(pl.LightningDataModule):
         val = self.prepare().val
         if val is None:
             raise ConfigError("the data source has no validation split; set data.val_fraction")
-        return self._loader(val, train=False)
+        return self._loader(val, train=False, distributed=True)
 
     def test_dataloader(self) -> DataLoader:
         test = self.prepare().test
         if test is None:
             raise ConfigError("the data source has no test split; run with test=false")
-        return self._loader(test, train=False)
+        return self._loader(test, train=False, distributed=True)
 
     def loader(self, split: str) -> DataLoader:
         """An un-augmented, unshuffled loader of any split (for predictions)."""

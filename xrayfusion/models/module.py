@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from xrayfusion.distributed import gather_rows
 from xrayfusion.metrics import metric_collection, metric_input
 from xrayfusion.models.backbones import check_input_size, create_backbone, feature_dim, input_stats
 from xrayfusion.models.fusion import build_fusion
@@ -149,14 +150,14 @@ class FusionClassifier(pl.LightningModule):
         out = self(x)
         loss = self._loss(out, y)
         self.train_acc.update(metric_input(out["fused_probs"].detach()), y)
-        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y))
+        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y), sync_dist=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, batch_size=len(y))
         return loss
 
     def _eval_step(self, stage: str, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor | None]:
         x, y = batch
         out = self(x)
-        self.log(f"{stage}/loss", self._loss(out, y), on_step=False, on_epoch=True, batch_size=len(y))
+        self.log(f"{stage}/loss", self._loss(out, y), on_step=False, on_epoch=True, batch_size=len(y), sync_dist=True)
         collections = self.metrics[stage]
         for i, key in enumerate(self.keys):
             collections[key].update(metric_input(out["probs"][:, i]), y)
@@ -184,7 +185,8 @@ class FusionClassifier(pl.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._log_collections("test")
         if self._test_store:
-            probs, fused, labels = (torch.cat(parts) for parts in zip(*self._test_store, strict=True))
+            parts = (torch.cat(p) for p in zip(*self._test_store, strict=True))
+            probs, fused, labels = (gather_rows(p, self.device) for p in parts)  # all processes' samples
             self.test_outputs = {"probs": probs, "fused_probs": fused, "labels": labels}
 
     @torch.no_grad()
