@@ -15,7 +15,7 @@ from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor, Mode
 from pytorch_lightning.utilities import rank_zero_only
 
 from xrayfusion import config as config_checks
-from xrayfusion import fusion_fit, plots, resilience, sweep, thresholds, tracking
+from xrayfusion import fusion_fit, plots, resilience, runtime, sweep, thresholds, tracking
 from xrayfusion.callbacks import EpochHistory
 from xrayfusion.checkpoints import AtomicCheckpointIO
 from xrayfusion.data import XRayDataModule
@@ -47,6 +47,7 @@ def build_model(cfg: DictConfig, dm: XRayDataModule) -> FusionClassifier:
         drop_rate=float(cfg.model.drop_rate),
         threshold=thresholds.initial_threshold(cfg.metrics.threshold),
         channels_last=bool(cfg.model.get("channels_last", False)),
+        compile=bool(cfg.model.get("compile", False)),
         optimizer=instantiate(cfg.optimizer),
         scheduler=scheduler,
     )
@@ -92,6 +93,7 @@ def train(cfg: DictConfig) -> float | None:
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(int(cfg.seed), workers=True)
+    runtime.configure_torch(**(OmegaConf.to_container(cfg.runtime) if cfg.get("runtime") else {}))
 
     dm = XRayDataModule(OmegaConf.to_container(cfg.data, resolve=True))
     source = dm.prepare()

@@ -15,6 +15,7 @@ from xrayfusion.data.sources import ImageSet, SourceData, build_source
 from xrayfusion.data.transforms import TensorDataset, build_augment
 from xrayfusion.distributed import eval_sampler
 from xrayfusion.errors import ConfigError
+from xrayfusion.runtime import resolve_workers
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ class XRayDataModule(pl.LightningDataModule):
         self.batch_size = int(self.cfg.get("batch_size", 32))
         if self.batch_size <= 0:
             raise ConfigError(f"data.batch_size={self.batch_size} must be a positive integer, e.g. 32")
-        self.num_workers = int(self.cfg.get("num_workers", 0))
+        self.num_workers = resolve_workers(self.cfg.get("num_workers", 0))
         self.augment = build_augment(self.cfg.get("augment"))
         self.source: SourceData | None = None
 

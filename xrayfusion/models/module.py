@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from xrayfusion.distributed import gather_rows
-from xrayfusion.metrics import metric_collection, metric_input
+from xrayfusion.metrics import metric_collection, metric_input, train_accuracy
 from xrayfusion.models.backbones import check_input_size, create_backbone, feature_dim, input_stats
 from xrayfusion.models.fusion import build_fusion
 
@@ -58,6 +58,7 @@ class FusionClassifier(pl.LightningModule):
         drop_rate: float = 0.0,
         threshold: float = 0.5,
         channels_last: bool = False,
+        compile: bool = False,
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         scheduler: Callable[..., Any] | None = None,
     ):
@@ -100,11 +101,14 @@ class FusionClassifier(pl.LightningModule):
                 for stage in ("val", "test")
             }
         )
-        self.train_acc = metric_collection(num_classes, "train/", threshold)["acc"]
+        self.train_acc = train_accuracy(num_classes, threshold)
         self.test_outputs: dict[str, torch.Tensor] = {}
         self._test_store: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         if channels_last:
             self.to(memory_format=torch.channels_last)
+        if compile:
+            for backbone in self.backbones.values():
+                backbone.compile()  # in place: state_dict keys stay the same
 
     # ---- forward -------------------------------------------------------------------------------------
     def preprocess(self, x: torch.Tensor, branch: int = 0) -> torch.Tensor:
@@ -149,8 +153,9 @@ class FusionClassifier(pl.LightningModule):
         x, y = batch
         out = self(x)
         loss = self._loss(out, y)
-        self.train_acc.update(metric_input(out["fused_probs"].detach()), y)
-        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y), sync_dist=True)
+        self.train_acc.update(out["fused_probs"].detach(), y)
+        self.log("train/loss", loss, on_step=False, on_epoch=True, batch_size=len(y), sync_dist=True)
+        # no prog_bar: Lightning would .item() the loss every step for the bar (a host sync)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, batch_size=len(y))
         return loss
 
