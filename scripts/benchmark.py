@@ -2,6 +2,7 @@
 
     python scripts/benchmark.py speed     # (a) joint vs (b) seed-style ImageFolder loops vs (c) lean loops, (d)
     python scripts/benchmark.py switches  # precision x channels-last x compile x workers for joint training
+    python scripts/benchmark.py profile   # where the time of one joint training step goes (torch.profiler)
     python scripts/benchmark.py quality   # trains experiment=kermany_cpu, prints the Kermany test table
     python scripts/benchmark.py speed --device cuda   # GPU: bf16 + channels-last at 224 px
 
@@ -441,6 +442,56 @@ def switches(args: argparse.Namespace) -> None:
             print(f"| {k} | {t:.1f} | {n * args.epochs / t:.0f} | {ref / t:.2f}x |")
 
 
+# ---- profile: where the time of joint training goes -------------------------------------------------------------
+def profile_run(args: argparse.Namespace) -> None:
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    device = torch.device(args.device)
+    with tempfile.TemporaryDirectory(prefix="xrayfusion-bench-") as tmp:
+        counts = make_subset_root(Path(args.data_root), Path(tmp), args.max_train, args.max_test, args.seed)
+        setup = Setup(compose_cfg(_speed_overrides(args, tmp)), device)
+        _print_setup(args, setup.cfg, counts, device)
+        cfg = setup.cfg
+        dm = XRayDataModule(OmegaConf.to_container(cfg.data, resolve=True))
+        dm.prepare()
+        model = build_model(cfg, dm).to(device)
+        opt = model.optimizer_factory(model.parameters())
+        loader = dm.train_dataloader()
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        phases = {"data (augment + collate)": 0.0, "forward + loss": 0.0, "backward": 0.0, "optimizer": 0.0}
+        with profile(activities=activities) as prof:
+            it = iter(loader)
+            for _ in range(min(args.steps, len(loader))):
+                t0 = time.perf_counter()
+                with record_function("data"):
+                    x, y = next(it)
+                    x, y = x.to(device), y.to(device)
+                t1 = time.perf_counter()
+                with record_function("forward"), torch.autocast(device.type, torch.bfloat16, enabled=setup.bf16):
+                    loss = model._loss(model(x), y)
+                _sync(device)
+                t2 = time.perf_counter()
+                with record_function("backward"):
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                _sync(device)
+                t3 = time.perf_counter()
+                with record_function("optimizer"):
+                    opt.step()
+                _sync(device)
+                t4 = time.perf_counter()
+                for key, dt in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
+                    phases[key] += dt
+        total = sum(phases.values())
+        print(f"\n{args.steps} training steps, {total:.1f} s (profiler on; relative shares are what matter)\n")
+        print("| phase | s | share |")
+        print("|---|---|---|")
+        for key, dt in phases.items():
+            print(f"| {key} | {dt:.2f} | {100 * dt / total:.0f}% |")
+        sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        print("\n```\n" + prof.key_averages().table(sort_by=sort, row_limit=args.top) + "\n```")
+
+
 # ---- quality -----------------------------------------------------------------------------------------------------
 def quality(args: argparse.Namespace) -> None:
     import mlflow
@@ -498,7 +549,7 @@ def print_quality(metrics: dict[str, float], params: dict[str, str], wall: float
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("speed", "switches"):
+    for name in ("speed", "switches", "profile"):
         p = sub.add_parser(name)
         p.add_argument("--data-root", default=DEFAULT_ROOT, help="Kermany folder with train/ and test/")
         p.add_argument("--device", default="cpu", help="cpu or cuda (cuda: bf16 + channels-last at 224 px)")
@@ -518,13 +569,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     sp.add_argument("--contenders", nargs="+", default=["a", "b", "c", "d"], choices=["a", "b", "c", "d"])
     sp.add_argument("--seed-workers", type=int, default=min(2, os.cpu_count() or 1), help="workers of (b)")
     sub.choices["switches"].add_argument("--settings", nargs="+", default=list(SWITCHES), choices=list(SWITCHES))
+    sub.choices["profile"].add_argument("--steps", type=int, default=20)
+    sub.choices["profile"].add_argument("--top", type=int, default=15, help="rows of the operator table")
     q = sub.add_parser("quality")
     q.add_argument("--experiment", default="kermany_cpu")
     q.add_argument("--data-root", default=DEFAULT_ROOT)
     q.add_argument("--tracking-uri", default=None, help="default: a throw-away SQLite store")
     q.add_argument("overrides", nargs="*", help="extra config overrides")
     args = parser.parse_args(argv)
-    {"speed": speed, "switches": switches, "quality": quality}[args.command](args)
+    commands = {"speed": speed, "switches": switches, "profile": profile_run, "quality": quality}
+    commands[args.command](args)
 
 
 if __name__ == "__main__":
