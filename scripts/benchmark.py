@@ -532,7 +532,10 @@ ANCHORS = [
 def print_quality(metrics: dict[str, float], params: dict[str, str], wall: float) -> None:
     names = sorted({k.split("/")[1] for k in metrics if k.startswith("test/")}, key=lambda n: (n == "fused", n))
     fusion = params.get("fusion/name", "?")
-    print(f"\nKermany test set (624 images); fusion {fusion}; threshold {params.get('metrics/threshold', '?')}")
+    n_test = params.get("data/n_test", "?")
+    rule, chosen = params.get("metrics/threshold", "?"), params.get("threshold/fused")
+    threshold = f"{rule} (fused: {float(chosen):.3f}, chosen on validation)" if chosen else rule
+    print(f"\nKermany test set ({n_test} images); fusion {fusion}; threshold {threshold}")
     print("\n| model | acc | sensitivity | specificity | f1 | auroc |")
     print("|---|---|---|---|---|---|")
     for n in names:
