@@ -15,7 +15,7 @@ from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor, Mode
 from pytorch_lightning.utilities import rank_zero_only
 
 from xrayfusion import config as config_checks
-from xrayfusion import fusion_fit, plots, resilience, runtime, sweep, thresholds, tracking
+from xrayfusion import fusion_fit, plots, reports, resilience, runtime, sweep, thresholds, tracking
 from xrayfusion.callbacks import EpochHistory
 from xrayfusion.checkpoints import AtomicCheckpointIO
 from xrayfusion.data import XRayDataModule
@@ -153,6 +153,9 @@ def train(cfg: DictConfig) -> float | None:
         final_ckpt = out_dir / "checkpoints" / "best.ckpt"
         trainer.save_checkpoint(final_ckpt, weights_only=True)
         tracking.log_artifact(logger, final_ckpt, "checkpoints")
+        if cfg.tracking.log_model:
+            uri = tracking.resolve_tracking_uri(cfg.logger.get("tracking_uri"))
+            reports.log_model(uri, logger.run_id, final_ckpt, cfg.tracking.get("register_as"))
         logger.log_metrics({"time/fit_seconds": fit_seconds})
 
         if cfg.get("test", True) and source.test is not None:
@@ -169,6 +172,16 @@ def train(cfg: DictConfig) -> float | None:
                 "confusion_matrix_test.png",
             )
             _log_figure(logger, plots.roc_figure(outs["labels"], probs_by_model), out_dir, "roc_test.png")
+            reports.log_test_report(
+                logger,
+                model,
+                source.test,
+                outs,
+                out_dir,
+                int(cfg.metrics.bootstrap),
+                int(cfg.seed),
+                int(cfg.gradcam.n_images),
+            )
             summary = {k: v for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
             log.info("test: %s", {n: round(float(summary.get(f"test/{n}/auroc", float("nan"))), 4) for n in names})
         if history.history:

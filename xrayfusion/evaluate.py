@@ -1,0 +1,47 @@
+"""`python -m xrayfusion.evaluate run_id=<id>`: every branch and the fused model, with bootstrap intervals."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from xrayfusion.errors import XrayfusionError
+
+log = logging.getLogger("xrayfusion")
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
+def main(cfg: DictConfig) -> None:
+    from xrayfusion import evaluation, tracking
+
+    try:
+        uri = tracking.resolve_tracking_uri(cfg.logger.get("tracking_uri"))
+        model = evaluation.resolve_classifier(cfg.run_id, cfg.ckpt_path, uri, cfg.device)
+        data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
+        results, predictions = evaluation.evaluate_model(
+            model,
+            data_cfg,
+            cfg.split,
+            int(cfg.metrics.bootstrap),
+            int(cfg.seed),
+            cfg.metrics.threshold,
+            int(cfg.batch_size),
+        )
+        prefix = f"eval/{cfg.name}" if cfg.split == "test" else f"eval/{cfg.name}_{cfg.split}"
+        print(f"{prefix} ({len(predictions)} images, 95% bootstrap intervals over {cfg.metrics.bootstrap} resamples)")
+        print(evaluation.results_table(results).to_markdown(index=False))
+        if cfg.log and cfg.run_id:
+            evaluation.log_evaluation(uri, cfg.run_id, prefix, results, predictions)
+            log.info("logged %s/... into run %s", prefix, cfg.run_id)
+        elif cfg.log:
+            log.info("ckpt_path has no run to log into; printed only")
+    except XrayfusionError as err:
+        print(f"xrayfusion: error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

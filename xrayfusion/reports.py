@@ -1,0 +1,58 @@
+"""What training logs after its test pass besides the core metrics: predictions CSV, intervals, Grad-CAM, model."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from pytorch_lightning.loggers import MLFlowLogger
+
+from xrayfusion import evaluation, tracking
+from xrayfusion.data.sources import ImageSet
+from xrayfusion.models import FusionClassifier
+from xrayfusion.plots import plt
+
+log = logging.getLogger(__name__)
+
+TEST_PREDICTIONS = "test_predictions.csv"
+GRADCAM_PNG = "gradcam_test.png"
+
+
+def log_test_report(
+    logger: MLFlowLogger,
+    model: FusionClassifier,
+    test: ImageSet,
+    outputs: dict[str, torch.Tensor],
+    out_dir: Path,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+    gradcam_images: int = 8,
+) -> None:
+    """Log `test_predictions.csv`, every metric's bootstrap interval (plus ap, ece) and the Grad-CAM grid."""
+    probs = {k: outputs["probs"][:, i] for i, k in enumerate(model.keys)}
+    probs[evaluation.FUSED] = outputs["fused_probs"]
+    labels = outputs["labels"]
+    frame = evaluation.predictions_frame(test.names, labels, probs, list(model.hparams.class_names))
+    csv = out_dir / TEST_PREDICTIONS
+    frame.to_csv(csv, index=False)
+    tracking.log_artifact(logger, csv)
+    results = evaluation.evaluate_predictions(labels, probs, float(model.hparams.threshold), n_bootstrap, seed)
+    metrics = evaluation.mlflow_metrics(results, "test")
+    core = {f"test/{m}/{name}" for m in probs for name in ("acc", "precision", "recall", "specificity", "f1", "auroc")}
+    logger.log_metrics({k: v for k, v in metrics.items() if k not in core})  # the test pass logged the core ones
+    if gradcam_images > 0:
+        from xrayfusion.gradcam import gradcam_figure
+
+        fig = gradcam_figure(model, test.images, labels, outputs["fused_probs"], gradcam_images)
+        path = out_dir / GRADCAM_PNG
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        tracking.log_artifact(logger, path, "plots")
+
+
+def log_model(tracking_uri: str, run_id: str, ckpt_path: Path, register_as: str | None) -> None:
+    """Log the ensemble as the run's pyfunc model `model` (registered as `register_as` when given)."""
+    from xrayfusion.export import log_pyfunc_model
+
+    log_pyfunc_model(tracking_uri, run_id, ckpt_path, register_as)
