@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import hydra
@@ -18,6 +19,7 @@ def main(cfg: DictConfig) -> None:
     from xrayfusion import comparison, tracking
     from xrayfusion.plots import plt
 
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         uri = tracking.resolve_tracking_uri(cfg.logger.get("tracking_uri"))
         experiments = OmegaConf.to_container(cfg.experiment) if OmegaConf.is_list(cfg.experiment) else cfg.experiment

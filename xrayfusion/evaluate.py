@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import hydra
@@ -17,6 +18,7 @@ log = logging.getLogger("xrayfusion")
 def main(cfg: DictConfig) -> None:
     from xrayfusion import evaluation, tracking
 
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         uri = tracking.resolve_tracking_uri(cfg.logger.get("tracking_uri"))
         model = evaluation.resolve_classifier(cfg.run_id, cfg.ckpt_path, uri, cfg.device)

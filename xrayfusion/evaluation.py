@@ -162,7 +162,7 @@ def compute_metrics(labels: torch.Tensor, probs: torch.Tensor, threshold: float 
     labels = labels.long()
     num_classes = probs.shape[1]
     if num_classes == 2:
-        fns, scores = _binary_fns(threshold), probs[:, 1]
+        fns, scores = _binary_fns(threshold), probs[:, 1].contiguous()
     else:
         fns, scores = _multiclass_fns(num_classes), probs
     one_class = len(torch.unique(labels)) < 2

@@ -61,6 +61,7 @@ def branch_cams(model: FusionClassifier, images: torch.Tensor, targets: Sequence
             wrapper = BranchClassifier(model, key)
             with GradCAM(model=wrapper, target_layers=[last_conv_layer(model.backbones[key])]) as cam:
                 cams[key] = cam(input_tensor=x, targets=[ClassifierOutputTarget(int(t)) for t in targets])
+    model.zero_grad(set_to_none=True)  # the CAM backward pass must leave no gradients behind
     model.train(was_training)
     return cams
 

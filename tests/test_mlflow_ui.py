@@ -1,0 +1,121 @@
+"""The MLflow UI in a real headless browser (Debian chromium + Selenium) against a store this test fills."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import pytest
+
+CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
+CHROMEDRIVER = shutil.which("chromedriver")
+CHROME_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--window-size=1600,1000",
+)
+RUNS = {"stacking:resnet18+small_cnn": 0.9137, "average:resnet18+small_cnn": 0.8462}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(url: str, seconds: float = 240.0) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer within {seconds}s")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    CHROMIUM is None or CHROMEDRIVER is None,
+    reason="no chromium/chromedriver (apt-get install chromium chromium-driver)",
+)
+def test_mlflow_ui_shows_runs_and_fused_auroc(tmp_path: Path) -> None:
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -e '.[dev]')")
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = mlflow.MlflowClient(uri)
+    exp = client.create_experiment("xrayfusion", artifact_location=(tmp_path / "artifacts").as_uri())
+    for name, auroc in RUNS.items():
+        run = client.create_run(exp, run_name=name, tags={"fusion": name.split(":")[0]})
+        for metric, value in (("test/fused/auroc", auroc), ("test/fused/acc", auroc - 0.05)):
+            client.log_metric(run.info.run_id, metric, value)
+        client.log_param(run.info.run_id, "fusion/name", name.split(":")[0])
+        client.set_terminated(run.info.run_id)
+
+    port = free_port()
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "ui",
+            "--backend-store-uri",
+            uri,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in (*CHROME_FLAGS, f"--user-data-dir={tmp_path / 'chrome-profile'}"):
+        options.add_argument(flag)
+    driver = None
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_for(f"{base}/health")
+        driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=CHROMEDRIVER))
+        driver.get(f"{base}/#/experiments/{exp}")
+        wait = WebDriverWait(driver, 90)
+        wait.until(lambda d: all(name in d.find_element(By.TAG_NAME, "body").text for name in RUNS))
+        wait.until(lambda d: all(f"{v:.4f}"[:5] in d.find_element(By.TAG_NAME, "body").text for v in RUNS.values()))
+        text = driver.find_element(By.TAG_NAME, "body").text
+        assert "test/fused/auroc" in text
+        shot = tmp_path / "mlflow_ui.png"
+        driver.save_screenshot(str(shot))
+        assert shot.stat().st_size > 10_000
+        if os.environ.get("XRAYFUSION_SCREENSHOT"):
+            shutil.copy(shot, os.environ["XRAYFUSION_SCREENSHOT"])
+    finally:
+        if driver is not None:
+            driver.quit()
+        os.killpg(server.pid, signal.SIGTERM)  # the server and any worker it started
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
