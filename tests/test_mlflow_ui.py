@@ -58,6 +58,7 @@ def wait_for(url: str, seconds: float = 240.0) -> None:
 def test_mlflow_ui_shows_runs_and_fused_auroc(tmp_path: Path) -> None:
     webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -e '.[dev]')")
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
@@ -100,10 +101,17 @@ def test_mlflow_ui_shows_runs_and_fused_auroc(tmp_path: Path) -> None:
         base = f"http://127.0.0.1:{port}"
         wait_for(f"{base}/health")
         driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=CHROMEDRIVER))
-        driver.get(f"{base}/#/experiments/{exp}")
-        wait = WebDriverWait(driver, 90)
-        wait.until(lambda d: all(name in d.find_element(By.TAG_NAME, "body").text for name in RUNS))
-        wait.until(lambda d: all(f"{v:.4f}"[:5] in d.find_element(By.TAG_NAME, "body").text for v in RUNS.values()))
+        # the experiment's "Training runs" page, best fused AUROC first
+        driver.get(f"{base}/#/experiments/{exp}/runs?orderByKey=metrics.%60test%2Ffused%2Fauroc%60&orderByAsc=false")
+        wait = WebDriverWait(driver, 120)
+        body = lambda d: d.find_element(By.TAG_NAME, "body").text  # noqa: E731
+        wait.until(lambda d: all(name in body(d) for name in RUNS))
+        # show the metric column as a user does: Columns -> test/fused/auroc
+        driver.find_element(By.XPATH, "//button[normalize-space()='Columns']").click()
+        item = wait.until(lambda d: d.find_elements(By.XPATH, "//*[normalize-space(text())='test/fused/auroc']"))
+        item[-1].click()
+        driver.find_element(By.TAG_NAME, "body").send_keys(Keys.ESCAPE)
+        wait.until(lambda d: all(str(v) in body(d) for v in RUNS.values()))
         text = driver.find_element(By.TAG_NAME, "body").text
         assert "test/fused/auroc" in text
         shot = tmp_path / "mlflow_ui.png"
