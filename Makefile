@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DATA_ROOT ?= $(if $(wildcard ../shared/data/chest_xray_224),../shared/data/chest_xray_224,data/chest_xray)
 
-.PHONY: install run test lint
+.PHONY: install run test lint browser
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,7 +17,15 @@ install: $(VENV)/.installed
 run: install
 	$(PY) -m xrayfusion.train experiment=kermany_cpu data.root=$(DATA_ROOT)
 
-test: install
+# Debian's chromium + chromedriver for the MLflow UI browser test (installed when missing and running as root)
+browser:
+	@if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null) \
+	  || echo "browser: apt-get install chromium chromium-driver failed; the MLflow UI test will be skipped"; \
+	else echo "browser: no chromium/chromedriver and not root; the MLflow UI test will be skipped"; fi
+
+test: install browser
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 

@@ -76,4 +76,8 @@ SMALL_SYNTHETIC = [
     "data.batch_size=16",
     "trainer.max_epochs=1",
     "trainer.enable_progress_bar=false",
+    # keep training tests quick: few bootstrap resamples, no pyfunc model (tests/test_cli_evaluate.py covers it)
+    "metrics.bootstrap=100",
+    "tracking.log_model=false",
+    "gradcam.n_images=2",
 ]

@@ -197,18 +197,22 @@ def bootstrap_intervals(
 def evaluate_predictions(
     labels: torch.Tensor,
     probs_by_model: Mapping[str, torch.Tensor],
-    threshold: float = 0.5,
+    threshold: float | Mapping[str, float] = 0.5,
     n_bootstrap: int = 1000,
     seed: int = 0,
 ) -> pd.DataFrame:
-    """Rows (model, metric, value, ci_low, ci_high) for every model; intervals are NaN when n_bootstrap=0."""
+    """Rows (model, metric, value, ci_low, ci_high) for every model; intervals are NaN when n_bootstrap=0.
+
+    `threshold` is one value or one per model name (binary tasks).
+    """
     if len(labels) == 0:
         raise DataError("no labelled images to evaluate")
     rows = []
     for model_name, probs in probs_by_model.items():
-        values = compute_metrics(labels, probs, threshold)
+        threshold_of = threshold.get(model_name, 0.5) if isinstance(threshold, Mapping) else threshold
+        values = compute_metrics(labels, probs, threshold_of)
         intervals = (
-            bootstrap_intervals(labels, probs, threshold, n_bootstrap, seed)
+            bootstrap_intervals(labels, probs, threshold_of, n_bootstrap, seed)
             if n_bootstrap > 0
             else dict.fromkeys(values, (math.nan, math.nan))
         )

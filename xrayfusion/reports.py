@@ -37,7 +37,9 @@ def log_test_report(
     csv = out_dir / TEST_PREDICTIONS
     frame.to_csv(csv, index=False)
     tracking.log_artifact(logger, csv)
-    results = evaluation.evaluate_predictions(labels, probs, float(model.hparams.threshold), n_bootstrap, seed)
+    fused_threshold = float(model.hparams.threshold)
+    chosen = {k: float(getattr(model.metrics["test"][k]["acc"], "threshold", fused_threshold)) for k in probs}
+    results = evaluation.evaluate_predictions(labels, probs, chosen, n_bootstrap, seed)
     metrics = evaluation.mlflow_metrics(results, "test")
     core = {f"test/{m}/{name}" for m in probs for name in ("acc", "precision", "recall", "specificity", "f1", "auroc")}
     logger.log_metrics({k: v for k, v in metrics.items() if k not in core})  # the test pass logged the core ones
