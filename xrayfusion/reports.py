@@ -33,7 +33,9 @@ def log_test_report(
     probs = {k: outputs["probs"][:, i] for i, k in enumerate(model.keys)}
     probs[evaluation.FUSED] = outputs["fused_probs"]
     labels = outputs["labels"]
-    frame = evaluation.predictions_frame(test.names, labels, probs, list(model.hparams.class_names))
+    whole = len(test) == len(labels)  # under DDP a rank sees a share of the test set, in another order
+    names = test.names if whole else [f"rank0-{i}" for i in range(len(labels))]
+    frame = evaluation.predictions_frame(names, labels, probs, list(model.hparams.class_names))
     csv = out_dir / TEST_PREDICTIONS
     frame.to_csv(csv, index=False)
     tracking.log_artifact(logger, csv)
@@ -43,7 +45,9 @@ def log_test_report(
     metrics = evaluation.mlflow_metrics(results, "test")
     core = {f"test/{m}/{name}" for m in probs for name in ("acc", "precision", "recall", "specificity", "f1", "auroc")}
     logger.log_metrics({k: v for k, v in metrics.items() if k not in core})  # the test pass logged the core ones
-    if gradcam_images > 0:
+    if gradcam_images > 0 and not whole:
+        log.warning("Grad-CAM skipped: the test outputs do not cover the whole test set (DDP)")
+    elif gradcam_images > 0:
         from xrayfusion.gradcam import gradcam_figure
 
         fig = gradcam_figure(model, test.images, labels, outputs["fused_probs"], gradcam_images)

@@ -153,7 +153,7 @@ def train(cfg: DictConfig) -> float | None:
         final_ckpt = out_dir / "checkpoints" / "best.ckpt"
         trainer.save_checkpoint(final_ckpt, weights_only=True)
         tracking.log_artifact(logger, final_ckpt, "checkpoints")
-        if cfg.tracking.log_model:
+        if cfg.tracking.log_model and rank_zero_only.rank == 0:
             uri = tracking.resolve_tracking_uri(cfg.logger.get("tracking_uri"))
             reports.log_model(uri, logger.run_id, final_ckpt, cfg.tracking.get("register_as"))
         logger.log_metrics({"time/fit_seconds": fit_seconds})
@@ -172,16 +172,17 @@ def train(cfg: DictConfig) -> float | None:
                 "confusion_matrix_test.png",
             )
             _log_figure(logger, plots.roc_figure(outs["labels"], probs_by_model), out_dir, "roc_test.png")
-            reports.log_test_report(
-                logger,
-                model,
-                source.test,
-                outs,
-                out_dir,
-                int(cfg.metrics.bootstrap),
-                int(cfg.seed),
-                int(cfg.gradcam.n_images),
-            )
+            if rank_zero_only.rank == 0:  # under DDP: rank zero's share of the test set
+                reports.log_test_report(
+                    logger,
+                    model,
+                    source.test,
+                    outs,
+                    out_dir,
+                    int(cfg.metrics.bootstrap),
+                    int(cfg.seed),
+                    int(cfg.gradcam.n_images),
+                )
             summary = {k: v for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
             log.info("test: %s", {n: round(float(summary.get(f"test/{n}/auroc", float("nan"))), 4) for n in names})
         if history.history:
