@@ -25,9 +25,12 @@ browser:
 	  || echo "browser: apt-get install chromium chromium-driver failed; the MLflow UI test will be skipped"; \
 	else echo "browser: no chromium/chromedriver and not root; the MLflow UI test will be skipped"; fi
 
+# two pytest workers, one torch thread each: most of an end-to-end test is single-threaded start-up
+# (imports, MLflow, Hydra), so two workers keep both cores busy without oversubscribing them
+TEST_WORKERS ?= 2
 test: install browser
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS)
 
 lint: install
 	$(PY) -m ruff check .

@@ -55,7 +55,8 @@ def branch_cams(model: FusionClassifier, images: torch.Tensor, targets: Sequence
     cams = {}
     was_training = model.training
     model.eval()
-    x = images.to(model.device).float()
+    # an input that needs grad makes every activation need it, so frozen backbones still get a CAM
+    x = images.to(model.device).float().requires_grad_(True)
     with torch.enable_grad():
         for key in model.keys:
             wrapper = BranchClassifier(model, key)
