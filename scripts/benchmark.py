@@ -530,7 +530,10 @@ ANCHORS = [
 
 
 def print_quality(metrics: dict[str, float], params: dict[str, str], wall: float) -> None:
-    names = sorted({k.split("/")[1] for k in metrics if k.startswith("test/")}, key=lambda n: (n == "fused", n))
+    names = sorted(
+        {k.split("/")[1] for k in metrics if k.startswith("test/") and k.count("/") == 2},
+        key=lambda n: (n == "fused", n),
+    )
     fusion = params.get("fusion/name", "?")
     n_test = params.get("data/n_test", "?")
     rule, chosen = params.get("metrics/threshold", "?"), params.get("threshold/fused")
