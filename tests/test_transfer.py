@@ -125,8 +125,9 @@ def test_config_refuses_pretrained_with_only_project_cnns() -> None:
         config_checks.validate(cfg)
 
 
-def test_per_branch_normalisation_uses_the_weights_stats(weights_dir: Path) -> None:
-    model = FusionClassifier(
+def pretrained_pair(weights_dir: Path) -> FusionClassifier:
+    """efficientnet_lite0 with the test's ImageNet-style file next to a project CNN without weights."""
+    return FusionClassifier(
         ["efficientnet_lite0", "small_cnn"],
         2,
         {"name": "average"},
@@ -134,6 +135,10 @@ def test_per_branch_normalisation_uses_the_weights_stats(weights_dir: Path) -> N
         pretrained=True,
         weights_dir=weights_dir,
     )
+
+
+def test_per_branch_normalisation_uses_the_weights_stats(weights_dir: Path) -> None:
+    model = pretrained_pair(weights_dir)
     assert model.weights_sources["efficientnet_lite0"].endswith("efficientnet_lite0_imagenet.pth")
     assert model.weights_sources["small_cnn"] is None
     assert model.mean.shape == (2, 1, 1, 1) and not model.shared_stats
@@ -260,14 +265,7 @@ def test_trainable_layers_keeps_lower_stages_frozen_all_run() -> None:
 
 
 def test_freeze_callbacks_from_config(weights_dir: Path) -> None:
-    model = FusionClassifier(
-        ["efficientnet_lite0", "small_cnn"],
-        2,
-        {"name": "average"},
-        image_size=32,
-        pretrained=True,
-        weights_dir=weights_dir,
-    )
+    model = pretrained_pair(weights_dir)
     assert freeze_callbacks({"freeze_backbone_epochs": 0, "trainable_layers": None}, model) == []
     (callback,) = freeze_callbacks({"freeze_backbone_epochs": 2, "backbone_lr_scale": 0.1}, model)
     assert callback.freeze_epochs == 2 and callback.keys == ["efficientnet_lite0"]  # the scratch CNN trains
