@@ -175,3 +175,13 @@ def test_predict_files_reports_unreadable_inputs(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="matched no image"):
         prediction.expand_inputs(str(tmp_path / "in" / "*.jpeg"))
     assert isinstance(frame, pd.DataFrame)
+
+
+def test_each_branch_keeps_its_own_validation_threshold_through_the_checkpoint(tmp_path: Path) -> None:
+    model = tiny_model("average")
+    model.hparams.branch_thresholds = {"small_cnn": 0.3, "darknet": 0.7}
+    loaded = evaluation.load_classifier(save_checkpoint(model, tmp_path / "best.ckpt"))
+    assert evaluation.trained_thresholds(loaded) == {"small_cnn": 0.3, "darknet": 0.7, "fused": 0.4}
+    assert evaluation.trained_thresholds(loaded, 0.5) == {"small_cnn": 0.5, "darknet": 0.5, "fused": 0.5}
+    # checkpoints written before per-branch thresholds were saved fall back to the fused threshold
+    assert evaluation.trained_thresholds(tiny_model("average")) == {"small_cnn": 0.4, "darknet": 0.4, "fused": 0.4}

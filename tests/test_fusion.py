@@ -54,3 +54,23 @@ def test_build_fusion_errors() -> None:
     concat = build_fusion({"name": "concat", "dropout": 0.0}, 2, 2, [4, 6])
     fused, logits = concat(torch.rand(5, 2, 2), [torch.rand(5, 4), torch.rand(5, 6)])
     assert fused.shape == (5, 2) and logits.shape == (5, 2)
+
+
+
+def test_learned_weights_reach_the_log_loss_optimum_on_a_flat_loss_surface() -> None:
+    # two near-copies of one confident branch: the log-loss moves by ~1e-4 over all weights, which once made
+    # the optimiser stop at its uniform starting point
+    import numpy as np
+
+    from xrayfusion.models.fusion import learn_weights
+
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 2, 1000)
+    base = np.where(labels == 1, 4.0, -4.0) + rng.normal(0, 2.0, 1000)
+    p1, p2 = (1 / (1 + np.exp(-(base + rng.normal(0, 0.3, 1000)))) for _ in range(2))
+    probs = np.stack([np.stack([1 - p1, p1], 1), np.stack([1 - p2, p2], 1)], 1)
+    p_true = probs[np.arange(1000), :, labels]
+    grid = np.linspace(0, 1, 10001)
+    best = grid[np.argmin([-np.log(p_true @ np.array([w, 1 - w])).mean() for w in grid])]
+    assert abs(best - 0.5) > 0.1  # the optimum is far from the starting point
+    assert learn_weights(probs, labels)[0] == pytest.approx(best, abs=2e-3)

@@ -254,6 +254,16 @@ def decisions(probs: torch.Tensor, threshold: float) -> torch.Tensor:
     return predict_labels(probs, threshold)
 
 
+def trained_thresholds(model: FusionClassifier, override: float | None = None) -> dict[str, float]:
+    """Per model name, the threshold chosen on validation at training time (or `override` for all of them).
+
+    Each branch keeps its own threshold (`branch_thresholds`); checkpoints without them use the fused one.
+    """
+    fused = float(model.hparams.threshold) if override is None else float(override)
+    own = dict(model.hparams.get("branch_thresholds") or {}) if override is None else {}
+    return {**{k: float(own.get(k, fused)) for k in model.keys}, FUSED: fused}
+
+
 # ---- the evaluate task ---------------------------------------------------------------------------------
 def evaluate_model(
     model: FusionClassifier,
@@ -278,8 +288,7 @@ def evaluate_model(
         raise ConfigError(f"split={split} is not available in data={cfg.get('name')}; use split=test, val or train")
     match_classes(list(model.hparams.class_names), source.class_names)
     probs = predict_images(model, data.images, batch_size)
-    used = float(model.hparams.threshold) if threshold is None else float(threshold)
-    results = evaluate_predictions(data.labels, probs, used, n_bootstrap, seed)
+    results = evaluate_predictions(data.labels, probs, trained_thresholds(model, threshold), n_bootstrap, seed)
     return results, predictions_frame(data.names, data.labels, probs, list(model.hparams.class_names))
 
 

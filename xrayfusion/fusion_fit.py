@@ -140,5 +140,6 @@ def choose_thresholds(rule: Any, model: Any, val: Mapping[str, torch.Tensor], lo
     for key, value in chosen.items():
         thresholds.set_threshold(model.metrics["test"][key], value)
     model.hparams.threshold = chosen["fused"]
+    model.hparams.branch_thresholds = {k: chosen[k] for k in model.keys}  # saved in the checkpoint for evaluate
     tracking.log_params(logger, {f"threshold/{k}": round(v, 6) for k, v in chosen.items()})
     log.info("thresholds (metrics.threshold=%s, chosen on validation): %s", rule, chosen)

@@ -57,6 +57,7 @@ def learn_weights(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
         method="SLSQP",
         bounds=[(0.0, 1.0)] * n_branches,
         constraints=[{"type": "eq", "fun": lambda w: w.sum() - 1.0, "jac": lambda w: np.ones_like(w)}],
+        options={"ftol": 1e-12, "maxiter": 500},  # log-loss differences near the optimum are ~1e-6
     )
     w = np.clip(result.x, 0.0, None)
     return w / w.sum() if w.sum() > 0 else start

@@ -57,6 +57,7 @@ class FusionClassifier(pl.LightningModule):
         load_weights: bool = True,
         drop_rate: float = 0.0,
         threshold: float = 0.5,
+        branch_thresholds: Mapping[str, float] | None = None,
         channels_last: bool = False,
         compile: bool = False,
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
