@@ -56,7 +56,6 @@ def test_build_fusion_errors() -> None:
     assert fused.shape == (5, 2) and logits.shape == (5, 2)
 
 
-
 def test_learned_weights_reach_the_log_loss_optimum_on_a_flat_loss_surface() -> None:
     # two near-copies of one confident branch: the log-loss moves by ~1e-4 over all weights, which once made
     # the optimiser stop at its uniform starting point
