@@ -411,6 +411,7 @@ SWITCHES = {
     "bf16+cl": ["trainer.precision=bf16-mixed", "model.channels_last=true"],
     "fp32+workers1": ["data.num_workers=1"],
     "fp32+compile": ["model.compile=true"],
+    "fp32+fused_adamw": ["optimizer.fused=true"],
 }
 
 

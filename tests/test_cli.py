@@ -65,3 +65,16 @@ def test_kermany_layout_trains_end_to_end(run_cli, tracking_uri: str, kermany_ro
     run = client.search_runs([client.get_experiment_by_name("xrayfusion").experiment_id])[0]
     assert run.data.params["data/n_test"] == "16"
     assert int(run.data.params["data/n_train"]) + int(run.data.params["data/n_val"]) == 48
+
+
+@pytest.mark.slow
+def test_speed_switches_together_train_and_log(run_cli, tracking_uri: str) -> None:
+    switches = ["trainer.precision=bf16-mixed", "model.channels_last=true", "optimizer.fused=true"]
+    result = run_cli(["model=ensemble", "model.branches=[resnet18,small_cnn]", *switches, *SMALL_SYNTHETIC])
+    assert result.returncode == 0, result.stderr[-3000:]
+    client = mlflow.MlflowClient(tracking_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("xrayfusion").experiment_id])
+    assert run.info.status == "FINISHED" and 0.0 <= run.data.metrics["test/fused/auroc"] <= 1.0
+    params = run.data.params
+    assert params["trainer/precision"] == "bf16-mixed" and params["optimizer/fused"] == "True"
+    assert params["model/channels_last"] == "True"
