@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DATA_ROOT ?= $(if $(wildcard ../shared/data/chest_xray_224),../shared/data/chest_xray_224,data/chest_xray)
+# offline ImageNet weights (efficientnet_lite0*.pth) when present; otherwise null = timm's hub (needs internet)
+WEIGHTS_DIR ?= $(if $(wildcard ../shared/weights/efficientnet_lite0*),../shared/weights,null)
 
 .PHONY: install run test lint browser
 
@@ -15,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 run: install
-	$(PY) -m xrayfusion.train experiment=kermany_cpu data.root=$(DATA_ROOT)
+	$(PY) -m xrayfusion.train experiment=kermany_cpu data.root=$(DATA_ROOT) model.weights_dir=$(WEIGHTS_DIR)
 
 # Debian's chromium + chromedriver for the MLflow UI browser test (installed when missing and running as root)
 browser:

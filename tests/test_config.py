@@ -23,7 +23,9 @@ def test_groups_compose(fusion: str, data: str) -> None:
 
 def test_experiment_kermany_cpu() -> None:
     cfg = compose_train("experiment=kermany_cpu")
-    assert cfg.data.name == "kermany" and list(cfg.model.branches) == ["resnet18", "mobilenetv2_100"]
+    assert cfg.data.name == "kermany" and list(cfg.model.branches) == ["efficientnet_lite0", "small_cnn"]
+    assert cfg.model.pretrained and cfg.fusion.weights == "learned" and cfg.metrics.threshold == "youden"
+    assert cfg.data.image_size == 128 and cfg.trainer.max_epochs == 8
 
 
 @pytest.mark.parametrize(

@@ -186,7 +186,9 @@ class FusionClassifier(pl.LightningModule):
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         out = self._eval_step("test", batch)
-        self._test_store.append((out["probs"].detach().cpu(), out["fused_probs"].detach().cpu(), batch[1].cpu()))
+        self._test_store.append(
+            (out["probs"].detach().float().cpu(), out["fused_probs"].detach().float().cpu(), batch[1].cpu())
+        )
 
     def on_test_epoch_end(self) -> None:
         self._log_collections("test")
@@ -202,7 +204,7 @@ class FusionClassifier(pl.LightningModule):
         self.eval()
         probs, labels = [], []
         for x, y in loader:
-            probs.append(self(x.to(self.device))["probs"].cpu())
+            probs.append(self(x.to(self.device))["probs"].float().cpu())
             labels.append(y)
         self.train(was_training)
         return torch.cat(probs), torch.cat(labels)
