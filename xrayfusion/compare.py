@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from xrayfusion.errors import XrayfusionError
+from xrayfusion.errors import XrayfusionError, exit_on_error
 
 log = logging.getLogger("xrayfusion")
 
@@ -20,7 +19,7 @@ def main(cfg: DictConfig) -> None:
     from xrayfusion.plots import plt
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    try:
+    with exit_on_error():
         uri = tracking.resolve_tracking_uri(cfg.logger.get("tracking_uri"))
         experiments = OmegaConf.to_container(cfg.experiment) if OmegaConf.is_list(cfg.experiment) else cfg.experiment
         runs = comparison.search_runs(uri, experiments, dict(cfg.tags), cfg.filter, int(cfg.max_runs))
@@ -53,9 +52,6 @@ def main(cfg: DictConfig) -> None:
             fig.savefig(cfg.roc_png, dpi=110)
             plt.close(fig)
             log.info("wrote %s (%d runs)", cfg.roc_png, len(curves))
-    except XrayfusionError as err:
-        print(f"xrayfusion: error: {err}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from xrayfusion.errors import XrayfusionError
+from xrayfusion.errors import exit_on_error
 
 log = logging.getLogger("xrayfusion")
 
@@ -19,7 +18,7 @@ def main(cfg: DictConfig) -> None:
     from xrayfusion import evaluation, tracking
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    try:
+    with exit_on_error():
         uri = tracking.resolve_tracking_uri(cfg.logger.get("tracking_uri"))
         model = evaluation.resolve_classifier(cfg.run_id, cfg.ckpt_path, uri, cfg.device)
         data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
@@ -40,9 +39,6 @@ def main(cfg: DictConfig) -> None:
             log.info("logged %s/... into run %s", prefix, cfg.run_id)
         elif cfg.log:
             log.info("ckpt_path has no run to log into; printed only")
-    except XrayfusionError as err:
-        print(f"xrayfusion: error: {err}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ import torch
 from torchmetrics.functional import classification as tmf
 
 from xrayfusion.errors import ConfigError, DataError
-from xrayfusion.metrics import predict_labels
 from xrayfusion.models import FusionClassifier
 
 log = logging.getLogger(__name__)
@@ -247,11 +246,6 @@ def results_table(results: pd.DataFrame, digits: int = 3) -> pd.DataFrame:
     wide = cells.pivot(index="model", columns="metric", values="cell")
     order = [m for m in results["model"].unique()]
     return wide.loc[order, [m for m in EVAL_METRICS if m in wide.columns]].reset_index()
-
-
-def decisions(probs: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Predicted class indices (the trained threshold for binary models)."""
-    return predict_labels(probs, threshold)
 
 
 def trained_thresholds(model: FusionClassifier, override: float | None = None) -> dict[str, float]:

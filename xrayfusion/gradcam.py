@@ -78,10 +78,10 @@ def gradcam_figure(
 
     Maps explain the class the fused model predicted.
     """
-    from xrayfusion.evaluation import decisions
+    from xrayfusion.metrics import predict_labels
 
     class_names = list(model.hparams.class_names)
-    predicted = decisions(fused_probs, float(model.hparams.threshold))
+    predicted = predict_labels(fused_probs, float(model.hparams.threshold))
     idx = select_examples(labels, predicted, n_images)
     if not idx:
         raise ValueError("no test images to explain")

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 
 import hydra
 from omegaconf import DictConfig
 
-from xrayfusion.errors import XrayfusionError
+from xrayfusion.errors import exit_on_error
 
 log = logging.getLogger("xrayfusion")
 
@@ -19,7 +18,7 @@ def main(cfg: DictConfig) -> None:
     from xrayfusion import evaluation, prediction, tracking
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    try:
+    with exit_on_error():
         uri = tracking.resolve_tracking_uri(cfg.logger.get("tracking_uri")) if cfg.run_id else None
         model = evaluation.resolve_classifier(cfg.run_id, cfg.ckpt_path, uri, cfg.device)
         paths = prediction.expand_inputs(str(cfg.inputs))
@@ -27,9 +26,6 @@ def main(cfg: DictConfig) -> None:
         frame.to_csv(cfg.output, index=False)
         failed = int(frame["error"].notna().sum())
         log.info("wrote %s: %d images, %d unreadable", cfg.output, len(frame), failed)
-    except XrayfusionError as err:
-        print(f"xrayfusion: error: {err}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ import torch
 
 from xrayfusion.data.decode import IMAGE_SUFFIXES, load_grey
 from xrayfusion.errors import ConfigError
-from xrayfusion.evaluation import FUSED, decisions, predict_images
+from xrayfusion.evaluation import FUSED, predict_images
+from xrayfusion.metrics import predict_labels
 from xrayfusion.models import FusionClassifier
 
 
@@ -53,7 +54,7 @@ def predict_files(model: FusionClassifier, paths: Sequence[str], batch_size: int
     if ok:
         images = torch.from_numpy(np.stack(arrays)[:, None])
         probs = predict_images(model, images, batch_size)
-        predicted = decisions(probs[FUSED], float(model.hparams.threshold))
+        predicted = predict_labels(probs[FUSED], float(model.hparams.threshold))
         for j, i in enumerate(ok):
             rows[i]["predicted_class"] = classes[int(predicted[j])]
             for name, p in probs.items():

@@ -4,31 +4,23 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 
 import hydra
 from hydra.errors import HydraException, MissingConfigException
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from xrayfusion.errors import XrayfusionError
+from xrayfusion.errors import exit_on_error, fail
 
 log = logging.getLogger("xrayfusion")
-
-
-def _fail(message: str) -> None:
-    print(f"xrayfusion: error: {message}", file=sys.stderr)
-    sys.exit(2)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     from xrayfusion.training import train  # heavy imports after Hydra parsed the command line
 
-    try:
+    with exit_on_error():
         return train(cfg)
-    except XrayfusionError as err:
-        _fail(str(err))
 
 
 def hydra_error_message(err: BaseException) -> str:
@@ -53,7 +45,7 @@ def cli() -> None:
     try:
         main()
     except (HydraException, OmegaConfBaseException) as err:
-        _fail(hydra_error_message(err))
+        fail(hydra_error_message(err))
     finally:
         os.environ.pop("HYDRA_FULL_ERROR", None)
 
