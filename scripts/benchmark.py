@@ -2,6 +2,7 @@
 
     python scripts/benchmark.py speed     # (a) joint vs (b) seed-style ImageFolder loops vs (c) lean loops, (d)
     python scripts/benchmark.py switches  # precision x channels-last x compile x workers for joint training
+    python scripts/benchmark.py precision # per branch: float32 vs bfloat16 step time (model.bf16_branches)
     python scripts/benchmark.py profile   # where the time of one joint training step goes (torch.profiler)
     python scripts/benchmark.py quality   # trains experiment=kermany_cpu, prints the Kermany test table
     python scripts/benchmark.py speed --device cuda   # GPU: bf16 + channels-last at 224 px
@@ -101,6 +102,11 @@ class Setup:
     def bf16(self) -> bool:
         return str(self.cfg.trainer.precision).startswith("bf16")
 
+    def bf16_for(self, branch: str) -> bool:
+        """bfloat16 autocast for this model: trainer.precision=bf16-* or the branch is in model.bf16_branches."""
+        listed = self.cfg.model.get("bf16_branches") or []
+        return self.bf16 or listed == "all" or branch in list(listed)
+
     @property
     def channels_last(self) -> bool:
         return bool(self.cfg.model.channels_last)
@@ -147,8 +153,9 @@ def _plain_train(
     setup: Setup,
     weight: torch.Tensor | None,
     prepare: Callable[[torch.Tensor], torch.Tensor],
+    bf16: bool = False,
 ) -> float:
-    """Train `model` for the configured epochs with AdamW + one-cycle; returns seconds."""
+    """Train `model` for the configured epochs with AdamW + one-cycle (bf16: autocast); returns seconds."""
     cfg = setup.cfg
     epochs = int(cfg.trainer.max_epochs)
     lr = float(cfg.optimizer.lr)
@@ -162,7 +169,7 @@ def _plain_train(
     for _ in range(epochs):
         for x, y in batches():
             x, y = prepare(x.to(setup.device, non_blocking=True)), y.to(setup.device, non_blocking=True)
-            with torch.autocast(setup.device.type, dtype=torch.bfloat16, enabled=setup.bf16):
+            with torch.autocast(setup.device.type, dtype=torch.bfloat16, enabled=bf16):
                 loss = F.cross_entropy(model(x).float(), y, weight=weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -173,11 +180,13 @@ def _plain_train(
 
 
 @torch.no_grad()
-def _plain_predict(model: torch.nn.Module, loader: DataLoader, setup: Setup, prepare: Callable) -> tuple:
+def _plain_predict(
+    model: torch.nn.Module, loader: DataLoader, setup: Setup, prepare: Callable, bf16: bool = False
+) -> tuple:
     model.eval()
     probs, labels = [], []
     for x, y in loader:
-        with torch.autocast(setup.device.type, dtype=torch.bfloat16, enabled=setup.bf16):
+        with torch.autocast(setup.device.type, dtype=torch.bfloat16, enabled=bf16):
             probs.append(model(prepare(x.to(setup.device))).float().softmax(1)[:, 1].cpu())
         labels.append(y)
     return torch.cat(probs), torch.cat(labels)
@@ -209,9 +218,9 @@ def seed_style(setup: Setup) -> Result:
 
     train_s, auroc = {}, {}
     for name in setup.branches:
-        model = _plain_model(name, setup)
-        train_s[name] = _plain_train(model, lambda: loader, len(loader), setup, weight, prepare)
-        auroc[name] = _auroc(*reversed(_plain_predict(model, test_loader, setup, prepare)))
+        model, bf16 = _plain_model(name, setup), setup.bf16_for(name)
+        train_s[name] = _plain_train(model, lambda: loader, len(loader), setup, weight, prepare, bf16)
+        auroc[name] = _auroc(*reversed(_plain_predict(model, test_loader, setup, prepare, bf16)))
     return Result("b", time.perf_counter() - started, 0.0, train_s, auroc, len(train_set))
 
 
@@ -244,9 +253,9 @@ def lean_loop(setup: Setup, branches: Sequence[str] | None = None, name: str = "
 
     train_s, auroc = {}, {}
     for branch in branches or setup.branches:
-        model = _plain_model(branch, setup)
-        train_s[branch] = _plain_train(model, lambda: loader, len(loader), setup, weight, prepare)
-        auroc[branch] = _auroc(*reversed(_plain_predict(model, test_loader, setup, prepare)))
+        model, bf16 = _plain_model(branch, setup), setup.bf16_for(branch)
+        train_s[branch] = _plain_train(model, lambda: loader, len(loader), setup, weight, prepare, bf16)
+        auroc[branch] = _auroc(*reversed(_plain_predict(model, test_loader, setup, prepare, bf16)))
     return Result(name, time.perf_counter() - started, decode_s, train_s, auroc, len(train_y))
 
 
@@ -255,6 +264,9 @@ def xrayfusion_joint(setup: Setup, branches: Sequence[str] | None = None, name: 
     cfg = setup.cfg.copy()
     if branches is not None:
         cfg.model.branches = list(branches)
+        listed = cfg.model.get("bf16_branches") or []
+        if listed != "all":
+            cfg.model.bf16_branches = [b for b in listed if b in branches]
     started = time.perf_counter()
     dm = XRayDataModule(OmegaConf.to_container(cfg.data, resolve=True))
     source = dm.prepare()
@@ -345,7 +357,8 @@ def _print_setup(args: argparse.Namespace, cfg: DictConfig, counts: dict[str, in
     print(
         f"branches {list(cfg.model.branches)}, {cfg.data.image_size} px, batch {cfg.data.batch_size}, "
         f"{cfg.trainer.max_epochs} epoch(s), precision {cfg.trainer.precision}, "
-        f"channels_last {cfg.model.channels_last}, compile {cfg.model.compile}; files {counts}; "
+        f"channels_last {cfg.model.channels_last}, bf16_branches {cfg.model.get('bf16_branches')}, "
+        f"compile {cfg.model.compile}; files {counts}; "
         f"rounds {args.rounds}; load average {os.getloadavg()[0]:.1f}",
         flush=True,
     )
@@ -441,6 +454,73 @@ def switches(args: argparse.Namespace) -> None:
         for k, ts in times.items():
             t = _median(ts)
             print(f"| {k} | {t:.1f} | {n * args.epochs / t:.0f} | {ref / t:.2f}x |")
+
+
+# ---- precision: which branches train faster in bfloat16 on this machine -----------------------------------------
+def _step_seconds(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, device: torch.device) -> float:
+    """Median seconds of one training step (forward, loss, backward, AdamW) after two warm-up steps."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    times = []
+    for _ in range(steps + 2):
+        _sync(device)
+        t0 = time.perf_counter()
+        loss = model._loss(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return _median(times[2:])
+
+
+def precision(args: argparse.Namespace) -> None:
+    """Per branch: a training step in float32 vs bfloat16 autocast (model.bf16_branches), fastest one suggested."""
+    from xrayfusion.models import FusionClassifier
+    from xrayfusion.runtime import cpu_bf16_support
+
+    device = torch.device(args.device)
+    size = args.image_size or (224 if device.type == "cuda" else 64)
+    configure_torch(args.threads)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
+    print(
+        f"device: {device} ({name}; bf16 units: {cpu_bf16_support() if device.type == 'cpu' else 'gpu'}); "
+        f"torch {torch.__version__}; threads {torch.get_num_threads()}"
+    )
+    channels_last = args.channels_last if args.channels_last is not None else True
+    print(
+        f"{size} px, batch {args.batch_size}, channels_last {channels_last}, median of {args.steps} steps "
+        f"after 2 warm-up, settings alternating for {args.rounds} round(s)",
+        flush=True,
+    )
+    gen = torch.Generator().manual_seed(args.seed)
+    x = torch.randint(0, 256, (args.batch_size, 1, size, size), dtype=torch.uint8, generator=gen).to(device)
+    y = torch.randint(0, 2, (args.batch_size,), generator=gen).to(device)
+    faster = []
+    print("\n| branch | float32 ms/step | bf16 ms/step | bf16 speed-up |")
+    print("|---|---|---|---|")
+    for branch in args.branches:
+        times: dict[bool, list[float]] = {False: [], True: []}
+        for r in range(args.rounds):
+            for bf16 in (False, True) if r % 2 == 0 else (True, False):
+                torch.manual_seed(args.seed)
+                model = (
+                    FusionClassifier(
+                        [branch],
+                        2,
+                        {"name": "average"},
+                        image_size=size,
+                        channels_last=channels_last,
+                        bf16_branches=[branch] if bf16 else [],
+                    )
+                    .to(device)
+                    .train()
+                )
+                times[bf16].append(_step_seconds(model, x, y, args.steps, device))
+        fp32, bf16 = _median(times[False]), _median(times[True])
+        if bf16 < fp32:
+            faster.append(branch)
+        print(f"| {branch} | {1000 * fp32:.0f} | {1000 * bf16:.0f} | {fp32 / bf16:.2f}x |", flush=True)
+    print(f"\nfaster in bf16 here: model.bf16_branches=[{','.join(faster)}]")
 
 
 # ---- profile: where the time of joint training goes -------------------------------------------------------------
@@ -578,13 +658,29 @@ def main(argv: Sequence[str] | None = None) -> None:
     sub.choices["switches"].add_argument("--settings", nargs="+", default=list(SWITCHES), choices=list(SWITCHES))
     sub.choices["profile"].add_argument("--steps", type=int, default=20)
     sub.choices["profile"].add_argument("--top", type=int, default=15, help="rows of the operator table")
+    pp = sub.add_parser("precision")
+    pp.add_argument("--device", default="cpu")
+    pp.add_argument("--branches", nargs="+", default=["resnet18", "mobilenetv2_100", "efficientnet_lite0", "small_cnn"])
+    pp.add_argument("--image-size", type=int, default=None, help="default 64 on CPU, 224 on GPU")
+    pp.add_argument("--batch-size", type=int, default=32)
+    pp.add_argument("--steps", type=int, default=5)
+    pp.add_argument("--rounds", type=int, default=2)
+    pp.add_argument("--channels-last", default=None, type=lambda s: s.lower() in ("1", "true", "yes"))
+    pp.add_argument("--threads", type=int, default=None)
+    pp.add_argument("--seed", type=int, default=0)
     q = sub.add_parser("quality")
     q.add_argument("--experiment", default="kermany_cpu")
     q.add_argument("--data-root", default=DEFAULT_ROOT)
     q.add_argument("--tracking-uri", default=None, help="default: a throw-away SQLite store")
     q.add_argument("overrides", nargs="*", help="extra config overrides")
     args = parser.parse_args(argv)
-    commands = {"speed": speed, "switches": switches, "profile": profile_run, "quality": quality}
+    commands = {
+        "speed": speed,
+        "switches": switches,
+        "profile": profile_run,
+        "precision": precision,
+        "quality": quality,
+    }
     commands[args.command](args)
 
 

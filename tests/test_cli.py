@@ -69,7 +69,12 @@ def test_kermany_layout_trains_end_to_end(run_cli, tracking_uri: str, kermany_ro
 
 @pytest.mark.slow
 def test_speed_switches_together_train_and_log(run_cli, tracking_uri: str) -> None:
-    switches = ["trainer.precision=bf16-mixed", "model.channels_last=true", "optimizer.fused=true"]
+    switches = [
+        "trainer.precision=bf16-mixed",
+        "model.channels_last=true",
+        "optimizer.fused=true",
+        "model.bf16_branches=[small_cnn]",
+    ]
     result = run_cli(["model=ensemble", "model.branches=[resnet18,small_cnn]", *switches, *SMALL_SYNTHETIC])
     assert result.returncode == 0, result.stderr[-3000:]
     client = mlflow.MlflowClient(tracking_uri)
@@ -77,4 +82,4 @@ def test_speed_switches_together_train_and_log(run_cli, tracking_uri: str) -> No
     assert run.info.status == "FINISHED" and 0.0 <= run.data.metrics["test/fused/auroc"] <= 1.0
     params = run.data.params
     assert params["trainer/precision"] == "bf16-mixed" and params["optimizer/fused"] == "True"
-    assert params["model/channels_last"] == "True"
+    assert params["model/channels_last"] == "True" and params["model/bf16_branches"] == "['small_cnn']"

@@ -88,3 +88,75 @@ def _host_syncs(steps: int) -> int:
 
 def test_training_step_has_no_per_step_host_sync() -> None:
     assert _host_syncs(2) == _host_syncs(6)
+
+
+def _capture_dtypes(model: FusionClassifier) -> dict[str, torch.dtype]:
+    """The dtype of each branch's first conv output during one forward."""
+    seen: dict[str, torch.dtype] = {}
+    for key, backbone in model.backbones.items():
+        conv = next(m for m in backbone.modules() if isinstance(m, torch.nn.Conv2d))
+        conv.register_forward_hook(
+            lambda _m, _i, out, key=key: seen.update({key: out.dtype}) if key not in seen else None
+        )
+    model(torch.randint(0, 255, (2, 1, 32, 32), dtype=torch.uint8))
+    return seen
+
+
+def test_bf16_branches_autocast_only_the_named_branches() -> None:
+    model = _model(bf16_branches=["small_cnn"])
+    assert _capture_dtypes(model) == {"small_cnn": torch.bfloat16, "resnet18": torch.float32}
+    out = model(torch.randint(0, 255, (2, 1, 32, 32), dtype=torch.uint8))
+    assert out["probs"].dtype == torch.float32 and out["fused_probs"].dtype == torch.float32
+    assert set(_capture_dtypes(_model(bf16_branches="all")).values()) == {torch.bfloat16}
+    assert set(_capture_dtypes(_model()).values()) == {torch.float32}
+
+
+def test_bf16_branch_keeps_an_outer_autocast() -> None:
+    # under trainer.precision=bf16-mixed every branch stays bf16, listed or not
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert set(_capture_dtypes(_model(bf16_branches=["small_cnn"])).values()) == {torch.bfloat16}
+
+
+def test_bf16_branch_trains_and_its_checkpoint_keeps_the_setting(tmp_path) -> None:
+    model = _model(bf16_branches=["resnet18"])
+    x = torch.randint(0, 255, (4, 1, 32, 32), dtype=torch.uint8)
+    loss = model._loss(model(x), torch.tensor([0, 1, 0, 1]))
+    loss.backward()
+    grads = [p.grad for p in model.backbones["resnet18"].parameters()]
+    assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, max_epochs=0)
+    trainer.strategy.connect(model)
+    trainer.save_checkpoint(tmp_path / "m.ckpt")
+    loaded = FusionClassifier.load_from_checkpoint(tmp_path / "m.ckpt")
+    assert loaded.bf16_keys == {"resnet18"}
+
+
+def test_bf16_branches_rejects_unknown_names() -> None:
+    with pytest.raises(ValueError, match=r"bf16_branches names \['vgg16'\].*model.branches"):
+        _model(bf16_branches=["vgg16"])
+    with pytest.raises(ValueError, match="'some'.*list of branch names or 'all'"):
+        _model(bf16_branches="some")
+
+
+def test_config_validation_names_a_bad_bf16_branch() -> None:
+    from hydra import compose, initialize_config_dir
+
+    from tests.conftest import REPO
+    from xrayfusion.config import validate
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=["model.branches=[resnet18]", "model.bf16_branches=[small_cnn]"])
+    with pytest.raises(ConfigError, match=r"bf16_branches names \['small_cnn'\]"):
+        validate(cfg)
+
+
+def test_slow_cpu_bf16_warning(monkeypatch, caplog) -> None:
+    from xrayfusion import runtime
+
+    monkeypatch.setattr(runtime, "cpu_bf16_support", lambda: "none")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert runtime.warn_slow_cpu_bf16("auto") and "emulated" in caplog.text
+    assert not runtime.warn_slow_cpu_bf16("gpu")
+    monkeypatch.setattr(runtime, "cpu_bf16_support", lambda: "amx")
+    assert not runtime.warn_slow_cpu_bf16("cpu")
+    assert runtime.cpu_bf16_support() == "amx"

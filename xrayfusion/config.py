@@ -9,6 +9,7 @@ from xrayfusion import fusion_fit
 from xrayfusion.errors import ConfigError
 from xrayfusion.models.backbones import check_backbone_name, check_input_size, create_backbone
 from xrayfusion.models.fusion import FUSIONS
+from xrayfusion.models.module import bf16_branch_indices
 from xrayfusion.models.pretrained import has_pretrained, resolve_weights
 
 
@@ -38,6 +39,11 @@ def validate(cfg: Mapping[str, Any]) -> None:
     for name in branches:
         check_backbone_name(str(name))
     _check_transfer(cfg["model"], [str(b) for b in branches])
+    bf16 = cfg["model"].get("bf16_branches")
+    try:
+        bf16_branch_indices([str(b) for b in branches], bf16 if bf16 is None or isinstance(bf16, str) else list(bf16))
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
     size = int(cfg["data"].get("image_size", 64))
     in_chans = int(cfg["model"].get("in_chans", 1))
     for name in branches:

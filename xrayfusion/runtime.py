@@ -48,3 +48,25 @@ def configure_torch(threads: int | None = None, matmul_precision: str | None = "
     settings = {"threads": torch.get_num_threads(), "matmul_precision": torch.get_float32_matmul_precision()}
     log.info("torch runtime: %s", settings)
     return settings
+
+
+def cpu_bf16_support() -> str:
+    """What this CPU offers bfloat16 math: 'amx' (tile units), 'avx512_bf16', or 'none' (emulated, slow)."""
+    cpu = getattr(torch, "cpu", None)
+    if cpu is not None and getattr(cpu, "_is_amx_tile_supported", lambda: False)():
+        return "amx"
+    if cpu is not None and getattr(cpu, "_is_avx512_bf16_supported", lambda: False)():
+        return "avx512_bf16"
+    return "none"
+
+
+def warn_slow_cpu_bf16(accelerator: str = "auto") -> bool:
+    """Log a warning when bfloat16 is asked for on a CPU run whose CPU has no bf16 instructions; True if warned."""
+    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    if on_gpu or cpu_bf16_support() != "none":
+        return False
+    log.warning(
+        "bfloat16 requested (trainer.precision=bf16-* or model.bf16_branches) but this CPU has neither AMX nor "
+        "AVX512-BF16: bf16 is emulated and usually slower than float32; drop the bf16 settings on this machine"
+    )
+    return True

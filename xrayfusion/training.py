@@ -48,9 +48,16 @@ def build_model(cfg: DictConfig, dm: XRayDataModule) -> FusionClassifier:
         threshold=thresholds.initial_threshold(cfg.metrics.threshold),
         channels_last=bool(cfg.model.get("channels_last", False)),
         compile=bool(cfg.model.get("compile", False)),
+        bf16_branches=_bf16_branches(cfg.model.get("bf16_branches")),
         optimizer=instantiate(cfg.optimizer),
         scheduler=scheduler,
     )
+
+
+def _bf16_branches(value: Any) -> list[str] | str:
+    if value is None or isinstance(value, str):
+        return value or []
+    return [str(v) for v in value]
 
 
 def _callbacks(cfg: DictConfig, ckpt_dir: Path) -> tuple[ModelCheckpoint, EpochHistory, list[pl.Callback]]:
@@ -94,6 +101,8 @@ def train(cfg: DictConfig) -> float | None:
     out_dir.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(int(cfg.seed), workers=True)
     runtime.configure_torch(**(OmegaConf.to_container(cfg.runtime) if cfg.get("runtime") else {}))
+    if cfg.model.get("bf16_branches") or str(cfg.trainer.get("precision", "")).startswith("bf16"):
+        runtime.warn_slow_cpu_bf16(str(cfg.trainer.get("accelerator", "auto")))
 
     dm = XRayDataModule(OmegaConf.to_container(cfg.data, resolve=True))
     source = dm.prepare()

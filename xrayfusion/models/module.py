@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import logging
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -18,6 +20,28 @@ from xrayfusion.models.backbones import check_input_size, create_backbone, featu
 from xrayfusion.models.fusion import build_fusion
 
 FUSED = "fused"
+
+log = logging.getLogger(__name__)
+
+
+def bf16_branch_indices(branches: Sequence[str], bf16_branches: Sequence[str] | str | None) -> list[int]:
+    """Positions in `branches` of the names in `bf16_branches` (`all`: every branch); ValueError for unknown ones."""
+    if not bf16_branches:
+        return []
+    if isinstance(bf16_branches, str):
+        if bf16_branches != "all":
+            raise ValueError(
+                f"model.bf16_branches={bf16_branches!r} must be a list of branch names or 'all', "
+                f"e.g. 'model.bf16_branches=[{branches[0]}]'"
+            )
+        return list(range(len(branches)))
+    unknown = [b for b in bf16_branches if b not in branches]
+    if unknown:
+        raise ValueError(
+            f"model.bf16_branches names {unknown}, which are not in model.branches={list(branches)}; "
+            "list only branches of this model"
+        )
+    return [i for i, b in enumerate(branches) if b in set(bf16_branches)]
 
 
 def branch_keys(names: Sequence[str]) -> list[str]:
@@ -39,6 +63,8 @@ class FusionClassifier(pl.LightningModule):
     Inputs are uint8 (B, C, H, W) images; normalisation happens on the device, per branch: the mean/std of its
     ImageNet weights when `pretrained`, else `mean`/`std`. `load_weights=False` rebuilds a pretrained model
     (normalisation included) without reading weight files, e.g. before loading a checkpoint offline.
+    `bf16_branches` names branches whose forward runs under bfloat16 autocast whatever the trainer's precision
+    (dense convolutions gain on CPUs with AMX; depthwise ones often lose), so each branch gets its faster precision.
     """
 
     def __init__(
@@ -60,6 +86,7 @@ class FusionClassifier(pl.LightningModule):
         branch_thresholds: Mapping[str, float] | None = None,
         channels_last: bool = False,
         compile: bool = False,
+        bf16_branches: Sequence[str] = (),
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         scheduler: Callable[..., Any] | None = None,
     ):
@@ -68,6 +95,7 @@ class FusionClassifier(pl.LightningModule):
         if num_classes < 2:
             raise ValueError(f"num_classes={num_classes}: at least two classes are needed")
         self.keys = branch_keys(list(branches))
+        self.bf16_keys = frozenset(self.keys[i] for i in bf16_branch_indices(branches, bf16_branches))
         self.backbones = nn.ModuleDict()
         self.heads = nn.ModuleDict()
         self.weights_sources: dict[str, str | None] = {}  # where each branch's pretrained weights came from
@@ -127,13 +155,20 @@ class FusionClassifier(pl.LightningModule):
         shared = self.preprocess(x) if self.shared_stats else None
         features, logits = [], []
         for i, key in enumerate(self.keys):
-            feat = self.backbones[key](shared if shared is not None else self.preprocess(x, i))
-            features.append(feat)
-            logits.append(self.heads[key](feat))
+            with self._branch_autocast(key, x.device):
+                feat = self.backbones[key](shared if shared is not None else self.preprocess(x, i))
+                features.append(feat)
+                logits.append(self.heads[key](feat))
         stacked = torch.stack(logits, dim=1).float()
         probs = (stacked / self.temperature.view(1, -1, 1)).softmax(dim=2)
         fused_probs, fused_logits = self.fusion(probs, [f.float() for f in features])
         return {"logits": stacked, "probs": probs, "fused_probs": fused_probs, "fused_logits": fused_logits}
+
+    def _branch_autocast(self, key: str, device: torch.device) -> contextlib.AbstractContextManager:
+        """bfloat16 autocast for the branches named in bf16_branches; the trainer's precision for the others."""
+        if key not in self.bf16_keys:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=torch.bfloat16)
 
     def _loss(self, out: Mapping[str, torch.Tensor | None], y: torch.Tensor) -> torch.Tensor:
         logits = out["logits"]
