@@ -306,6 +306,7 @@ def speed(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="xrayfusion-bench-") as tmp:
         counts = make_subset_root(Path(args.data_root), Path(tmp), args.max_train, args.max_test, args.seed)
         cfg = compose_cfg(_speed_overrides(args, tmp))
+        _resolve_auto_bf16(cfg, device)
         setup = Setup(cfg, device, train_workers=args.seed_workers)
         first = setup.branches[0]
         contenders: dict[str, Callable[[], Result]] = {
@@ -325,6 +326,24 @@ def speed(args: argparse.Namespace) -> None:
                 results[c].append(res)
                 print(f"round {r + 1} {c}: wall {res.wall_s:.1f} s, train {res.total_train_s:.1f} s", flush=True)
         print_speed(results, setup, args.epochs)
+
+
+def _resolve_auto_bf16(cfg: DictConfig, device: torch.device) -> None:
+    """model.bf16_branches=auto: measure once, up front, so every contender runs the same per-model precision."""
+    if cfg.model.get("bf16_branches") != "auto":
+        return
+    from xrayfusion.models import FusionClassifier
+    from xrayfusion.models.precision import autotune_bf16
+
+    configure_torch(cfg.runtime.threads, cfg.runtime.matmul_precision)
+    size = int(cfg.data.image_size)
+    model = FusionClassifier(
+        list(cfg.model.branches), 2, {"name": "average"}, image_size=size, channels_last=bool(cfg.model.channels_last)
+    )
+    chosen, timings = autotune_bf16(model, int(cfg.data.batch_size), size, on_gpu=device.type == "cuda")
+    report = ", ".join(f"{t.branch} {t.speedup:.2f}x" for t in timings)
+    print(f"model.bf16_branches=auto -> {chosen} (bf16 speed-up per step: {report or 'not timed'})", flush=True)
+    cfg.model.bf16_branches = chosen
 
 
 def _speed_overrides(args: argparse.Namespace, root: str) -> list[str]:
@@ -425,6 +444,7 @@ SWITCHES = {
     "fp32+workers1": ["data.num_workers=1"],
     "fp32+compile": ["model.compile=true"],
     "fp32+fused_adamw": ["optimizer.fused=true"],
+    "cl+bf16auto": ["model.channels_last=true", "model.bf16_branches=auto"],
 }
 
 

@@ -83,3 +83,17 @@ def test_speed_switches_together_train_and_log(run_cli, tracking_uri: str) -> No
     params = run.data.params
     assert params["trainer/precision"] == "bf16-mixed" and params["optimizer/fused"] == "True"
     assert params["model/channels_last"] == "True" and params["model/bf16_branches"] == "['small_cnn']"
+
+
+@pytest.mark.slow
+def test_bf16_branches_auto_logs_its_choice(run_cli, tracking_uri: str) -> None:
+    result = run_cli(
+        ["model=ensemble", "model.branches=[resnet18,small_cnn]", "model.bf16_branches=auto", *SMALL_SYNTHETIC]
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "model.bf16_branches=auto chose" in result.stderr + result.stdout
+    client = mlflow.MlflowClient(tracking_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("xrayfusion").experiment_id])
+    assert run.info.status == "FINISHED"
+    chosen = run.data.params["precision/bf16_branches"]
+    assert chosen == "none" or set(chosen.split(",")) <= {"resnet18", "small_cnn"}

@@ -134,7 +134,7 @@ def test_bf16_branch_trains_and_its_checkpoint_keeps_the_setting(tmp_path) -> No
 def test_bf16_branches_rejects_unknown_names() -> None:
     with pytest.raises(ValueError, match=r"bf16_branches names \['vgg16'\].*model.branches"):
         _model(bf16_branches=["vgg16"])
-    with pytest.raises(ValueError, match="'some'.*list of branch names or 'all'"):
+    with pytest.raises(ValueError, match="'some'.*list of branch names, 'all' or 'auto'"):
         _model(bf16_branches="some")
 
 
@@ -160,3 +160,38 @@ def test_slow_cpu_bf16_warning(monkeypatch, caplog) -> None:
     monkeypatch.setattr(runtime, "cpu_bf16_support", lambda: "amx")
     assert not runtime.warn_slow_cpu_bf16("cpu")
     assert runtime.cpu_bf16_support() == "amx"
+
+
+def test_choose_bf16_branches_keeps_only_clear_gains() -> None:
+    from xrayfusion.models.precision import BranchTiming, choose_bf16_branches
+
+    timings = [BranchTiming("a", 1.0, 0.5), BranchTiming("b", 1.0, 0.95), BranchTiming("c", 1.0, 1.4)]
+    assert choose_bf16_branches(timings) == ["a"]  # b gains 5%: inside the noise margin
+    assert choose_bf16_branches(timings, min_speedup=1.0) == ["a", "b"]
+
+
+def test_autotune_times_copies_and_sets_the_choice(monkeypatch) -> None:
+    from xrayfusion.models import precision
+
+    model = _model(bf16_branches="auto")
+    assert model.bf16_keys == frozenset()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    monkeypatch.setattr(precision, "cpu_bf16_support", lambda: "amx")
+    chosen, timings = precision.autotune_bf16(model, batch_size=4, image_size=32, min_speedup=0.0)
+    assert [t.branch for t in timings] == ["small_cnn", "resnet18"]
+    assert all(t.fp32_s > 0 and t.bf16_s > 0 for t in timings)
+    assert chosen == ["small_cnn", "resnet18"] and model.bf16_keys == {"small_cnn", "resnet18"}
+    assert model.hparams.bf16_branches == chosen  # what a checkpoint saves
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # BN statistics untouched: timing used copies
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_autotune_without_bf16_hardware_or_on_gpu_skips_timing(monkeypatch) -> None:
+    from xrayfusion.models import precision
+
+    monkeypatch.setattr(precision, "time_branches", lambda *a, **k: pytest.fail("timed without need"))
+    monkeypatch.setattr(precision, "cpu_bf16_support", lambda: "none")
+    model = _model(bf16_branches="auto")
+    assert precision.autotune_bf16(model, 4, 32) == ([], [])
+    assert precision.autotune_bf16(model, 4, 32, on_gpu=True)[0] == ["small_cnn", "resnet18"]

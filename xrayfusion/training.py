@@ -22,7 +22,7 @@ from xrayfusion.data import XRayDataModule
 from xrayfusion.data.skipped import write_skipped_csv
 from xrayfusion.finetuning import freeze_callbacks
 from xrayfusion.metrics import predict_labels
-from xrayfusion.models import FusionClassifier
+from xrayfusion.models import FusionClassifier, precision
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ def run_name(cfg: DictConfig) -> str:
 def build_model(cfg: DictConfig, dm: XRayDataModule) -> FusionClassifier:
     weights = dm.loss_weights()
     scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
-    return FusionClassifier(
+    model = FusionClassifier(
         branches=list(cfg.model.branches),
         num_classes=dm.num_classes,
         fusion=OmegaConf.to_container(cfg.fusion, resolve=True),
@@ -52,6 +52,15 @@ def build_model(cfg: DictConfig, dm: XRayDataModule) -> FusionClassifier:
         optimizer=instantiate(cfg.optimizer),
         scheduler=scheduler,
     )
+    if cfg.model.get("bf16_branches") == precision.AUTO:
+        precision.autotune_bf16(
+            model, int(cfg.data.batch_size), int(cfg.data.image_size), on_gpu=_on_gpu(cfg.trainer.get("accelerator"))
+        )
+    return model
+
+
+def _on_gpu(accelerator: str | None) -> bool:
+    return accelerator in ("gpu", "cuda") or (accelerator in (None, "auto") and torch.cuda.is_available())
 
 
 def _bf16_branches(value: Any) -> list[str] | str:
@@ -125,6 +134,11 @@ def train(cfg: DictConfig) -> float | None:
             "data/class_names": ",".join(source.class_names),
             "data/num_classes": len(source.class_names),
             **{f"data/n_{s}": len(getattr(source, s)) for s in ("train", "val", "test") if getattr(source, s)},
+            # the branches that run in bf16 autocast (model.bf16_branches=auto resolved by measurement)
+            "precision/bf16_branches": ",".join(
+                b for b, k in zip(model.hparams.branches, model.keys, strict=True) if k in model.bf16_keys
+            )
+            or "none",
         },
     )
     logger.log_metrics({"data/skipped": len(source.skipped)})

@@ -25,13 +25,14 @@ log = logging.getLogger(__name__)
 
 
 def bf16_branch_indices(branches: Sequence[str], bf16_branches: Sequence[str] | str | None) -> list[int]:
-    """Positions in `branches` of the names in `bf16_branches` (`all`: every branch); ValueError for unknown ones."""
-    if not bf16_branches:
+    """Positions in `branches` of the names in `bf16_branches` (`all`: every branch; `auto`: none until
+    measured, see models/precision.py); ValueError for unknown ones."""
+    if not bf16_branches or bf16_branches == "auto":
         return []
     if isinstance(bf16_branches, str):
         if bf16_branches != "all":
             raise ValueError(
-                f"model.bf16_branches={bf16_branches!r} must be a list of branch names or 'all', "
+                f"model.bf16_branches={bf16_branches!r} must be a list of branch names, 'all' or 'auto', "
                 f"e.g. 'model.bf16_branches=[{branches[0]}]'"
             )
         return list(range(len(branches)))
@@ -163,6 +164,12 @@ class FusionClassifier(pl.LightningModule):
         probs = (stacked / self.temperature.view(1, -1, 1)).softmax(dim=2)
         fused_probs, fused_logits = self.fusion(probs, [f.float() for f in features])
         return {"logits": stacked, "probs": probs, "fused_probs": fused_probs, "fused_logits": fused_logits}
+
+    def set_bf16_branches(self, names: Sequence[str] | str) -> None:
+        """Run these branches in bfloat16 autocast from now on (saved with the checkpoint's hyperparameters)."""
+        branches = list(self.hparams.branches)
+        self.bf16_keys = frozenset(self.keys[i] for i in bf16_branch_indices(branches, names))
+        self.hparams.bf16_branches = names if isinstance(names, str) else list(names)
 
     def _branch_autocast(self, key: str, device: torch.device) -> contextlib.AbstractContextManager:
         """bfloat16 autocast for the branches named in bf16_branches; the trainer's precision for the others."""

@@ -1,0 +1,111 @@
+"""Per-branch precision: time each branch in float32 and in bfloat16 autocast, keep bf16 where it is faster.
+
+Whether bf16 pays off depends on the hardware and the layers: on CPUs with AMX, dense convolutions run 1.5-2.6x
+faster in bf16 while depthwise ones (MobileNet, EfficientNet) run slower; without AMX or AVX512-BF16 bf16 is
+emulated and always slower. `model.bf16_branches=auto` measures instead of guessing, like cuDNN's benchmark mode.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from xrayfusion.runtime import cpu_bf16_support
+
+log = logging.getLogger(__name__)
+
+AUTO = "auto"
+
+
+@dataclass(frozen=True)
+class BranchTiming:
+    """Seconds of one training step (forward, loss, backward) of one branch in each precision."""
+
+    branch: str
+    fp32_s: float
+    bf16_s: float
+
+    @property
+    def speedup(self) -> float:
+        return self.fp32_s / self.bf16_s if self.bf16_s > 0 else float("nan")
+
+
+def _step_seconds(branch: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, bf16: bool, steps: int) -> float:
+    """Fastest of `steps` forward+backward passes after one warm-up (the minimum is the least noisy estimate)."""
+    device = x.device
+    best = float("inf")
+    for i in range(steps + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        started = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = branch(x)
+        F.cross_entropy(logits.float(), y).backward()
+        branch.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i > 0:
+            best = min(best, time.perf_counter() - started)
+    return best
+
+
+def time_branches(
+    model: torch.nn.Module, batch_size: int, image_size: int, device: torch.device | str = "cpu", steps: int = 2
+) -> list[BranchTiming]:
+    """Time a training step of each branch of a FusionClassifier (on copies: the model is left untouched)."""
+    device = torch.device(device)
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (batch_size, 1, image_size, image_size), dtype=torch.uint8, generator=gen)
+    y = torch.randint(0, int(model.hparams.num_classes), (batch_size,), generator=gen).to(device)
+    timings = []
+    with torch.no_grad():
+        inputs = [model.preprocess(images, i).to(device) for i in range(len(model.keys))]
+    for i, (name, key) in enumerate(zip(model.hparams.branches, model.keys, strict=True)):
+        branch = torch.nn.Sequential(copy.deepcopy(model.backbones[key]), copy.deepcopy(model.heads[key]))
+        branch.to(device).train()
+        fp32 = _step_seconds(branch, inputs[i], y, False, steps)
+        bf16 = _step_seconds(branch, inputs[i], y, True, steps)
+        timings.append(BranchTiming(str(name), fp32, bf16))
+        del branch
+    return timings
+
+
+def choose_bf16_branches(timings: list[BranchTiming], min_speedup: float = 1.1) -> list[str]:
+    """Branches whose bf16 step beats float32 by at least `min_speedup` (a margin against timing noise)."""
+    return [t.branch for t in timings if t.speedup >= min_speedup]
+
+
+def autotune_bf16(
+    model: torch.nn.Module,
+    batch_size: int,
+    image_size: int,
+    on_gpu: bool = False,
+    min_speedup: float = 1.1,
+) -> tuple[list[str], list[BranchTiming]]:
+    """Resolve `bf16_branches=auto` on `model` in place; returns the chosen branches and the timings.
+
+    GPUs: every branch (bf16 tensor cores). CPUs without bf16 instructions: none. Otherwise each branch is timed.
+    """
+    if on_gpu:
+        chosen, timings = list(model.hparams.branches), []
+    elif cpu_bf16_support() == "none":
+        chosen, timings = [], []
+    else:
+        timings = time_branches(model, batch_size, image_size)
+        chosen = choose_bf16_branches(timings, min_speedup)
+    for t in timings:
+        log.info(
+            "bf16 autotune %s: float32 %.0f ms, bf16 %.0f ms per step (%.2fx)",
+            t.branch,
+            1000 * t.fp32_s,
+            1000 * t.bf16_s,
+            t.speedup,
+        )
+    log.info("model.bf16_branches=auto chose %s", chosen)
+    model.set_bf16_branches(chosen)
+    return chosen, timings
