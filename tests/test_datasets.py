@@ -385,3 +385,19 @@ def test_cli_data_report_and_warm_cache(run_cli, tmp_path: Path) -> None:
     assert len(list((tmp_path / ".cache" / "xrayfusion").glob("decoded-*.pt"))) == 2  # train and test
     warm = run_cli(args, module="data")
     assert warm.returncode == 0 and warm.stdout.splitlines()[1:] == cold.stdout.splitlines()[1:]
+
+
+def test_build_augment_brightness_and_contrast() -> None:
+    import torch
+    from torchvision.transforms import v2
+
+    from xrayfusion.data.transforms import build_augment
+
+    assert build_augment({"enabled": False, "brightness": 0.3}) is None
+    aug = build_augment({"hflip": 0.0, "brightness": 0.3, "contrast": 0.0})
+    (jitter,) = aug.transforms
+    assert isinstance(jitter, v2.ColorJitter) and jitter.brightness == (0.7, 1.3) and jitter.contrast is None
+    image = torch.full((1, 16, 16), 100, dtype=torch.uint8)
+    torch.manual_seed(0)
+    outs = {int(aug(image)[0, 0, 0]) for _ in range(20)}
+    assert len(outs) > 5 and min(outs) >= 70 and max(outs) <= 130  # brightness factor within [0.7, 1.3]

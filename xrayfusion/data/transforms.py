@@ -10,7 +10,7 @@ from torchvision.transforms import v2
 
 
 def build_augment(cfg: Mapping[str, Any] | None) -> v2.Transform | None:
-    """Flip, small affine and contrast jitter from a config mapping; None when disabled."""
+    """Flip, small affine, brightness and contrast jitter from a config mapping; None when disabled."""
     if not cfg or not cfg.get("enabled", True):
         return None
     ops: list[v2.Transform] = []
@@ -27,8 +27,9 @@ def build_augment(cfg: Mapping[str, Any] | None) -> v2.Transform | None:
                 scale=tuple(scale) if scale else None,
             )
         )
-    if float(cfg.get("contrast", 0.0)) > 0:
-        ops.append(v2.ColorJitter(contrast=float(cfg["contrast"])))
+    contrast, brightness = float(cfg.get("contrast", 0.0)), float(cfg.get("brightness", 0.0))
+    if contrast > 0 or brightness > 0:
+        ops.append(v2.ColorJitter(brightness=brightness or None, contrast=contrast or None))
     return v2.Compose(ops) if ops else None
 
 
