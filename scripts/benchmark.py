@@ -445,6 +445,8 @@ SWITCHES = {
     "fp32+compile": ["model.compile=true"],
     "fp32+fused_adamw": ["optimizer.fused=true"],
     "cl+bf16auto": ["model.channels_last=true", "model.bf16_branches=auto"],
+    "cl+compile": ["model.channels_last=true", "model.compile=true"],
+    "cl+workers1": ["model.channels_last=true", "data.num_workers=1"],
 }
 
 
