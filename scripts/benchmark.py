@@ -650,6 +650,9 @@ def print_quality(metrics: dict[str, float], params: dict[str, str], wall: float
         print(f"| {label} | " + " | ".join(f"{v:.3f}" for v in row) + " |")
     for title, acc, auroc in ANCHORS:
         print(f"| {title} | {acc:.3f} | | | | {auroc:.3f} |")
+    weights = {k.split("weight_", 1)[1]: v for k, v in params.items() if k.startswith("average/weight_")}
+    if weights:
+        print("\nlearned average weights: " + ", ".join(f"{k} {float(v):.3f}" for k, v in weights.items()))
     fit = metrics.get("time/fit_seconds", float("nan"))
     print(f"\nfit {fit:.0f} s, end to end {wall:.0f} s (decode, fit, fusion, test, MLflow logging)")
 

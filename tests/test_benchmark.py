@@ -43,3 +43,36 @@ def test_speed_prints_contender_and_ratio_tables(kermany_root: Path, tmp_path: P
     ratios = [line for line in lines if line.startswith("| (") and line.rstrip().endswith("x |")]
     assert len(ratios) == 4
     assert any("framework overhead, small_cnn" in r for r in ratios)
+
+
+def _benchmark(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, str(REPO / "scripts" / "benchmark.py"), *args]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_precision_prints_per_branch_speedups(tmp_path: Path) -> None:
+    args = ["precision", "--branches", "small_cnn", "resnet18", "--image-size=32", "--batch-size=4", "--steps=1"]
+    result = _benchmark([*args, "--rounds=1"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| small_cnn") or line.startswith("| res")]
+    assert len(rows) == 2
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert float(cells[1]) > 0 and float(cells[2]) > 0 and cells[3].endswith("x")
+    assert "model.bf16_branches=[" in result.stdout
+
+
+def test_print_quality_shows_branches_fused_anchors_and_learned_weights(capsys) -> None:
+    sys.path.insert(0, str(REPO / "scripts"))
+    import benchmark
+
+    metrics = {f"test/{m}/{k}": 0.9 for m in ("a", "fused") for k in ("acc", "recall", "specificity", "f1", "auroc")}
+    metrics["time/fit_seconds"] = 12.0
+    params = {"fusion/name": "average", "data/n_test": "624", "average/weight_a": "1.0"}
+    benchmark.print_quality(metrics, params, wall=15.0)
+    out = capsys.readouterr().out
+    assert "| a | 0.900 |" in out and "| fused (average) | 0.900 |" in out
+    assert "Kermany et al. 2018" in out and "learned average weights: a 1.000" in out
+    assert "fit 12 s, end to end 15 s" in out
