@@ -40,7 +40,8 @@ def steps(client: mlflow.MlflowClient, run_id: str, key: str) -> list[int]:
 
 @pytest.mark.slow
 def test_sigkill_then_resume_continues_the_same_run(run_cli, tmp_path: Path, tracking_uri: str) -> None:
-    args = [*TINY, "trainer.max_epochs=3", "data.n_train=96"]
+    # bf16_branches=auto: the resumed part reuses the precisions the killed part measured (tests/test_precision.py)
+    args = [*TINY, "trainer.max_epochs=3", "data.n_train=96", "model.bf16_branches=auto"]
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "xrayfusion.train", *args, f"hydra.run.dir={tmp_path}/outputs/killed"]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
+
+from omegaconf import ListConfig
 
 from xrayfusion import fusion_fit
 from xrayfusion.errors import ConfigError
@@ -40,8 +42,10 @@ def validate(cfg: Mapping[str, Any]) -> None:
         check_backbone_name(str(name))
     _check_transfer(cfg["model"], [str(b) for b in branches])
     bf16 = cfg["model"].get("bf16_branches")
+    if isinstance(bf16, Sequence | ListConfig) and not isinstance(bf16, str):
+        bf16 = list(bf16)
     try:
-        bf16_branch_indices([str(b) for b in branches], bf16 if bf16 is None or isinstance(bf16, str) else list(bf16))
+        bf16_branch_indices([str(b) for b in branches], bf16)
     except ValueError as err:
         raise ConfigError(str(err)) from err
     size = int(cfg["data"].get("image_size", 64))

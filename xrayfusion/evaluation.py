@@ -13,6 +13,7 @@ import pandas as pd
 import torch
 from torchmetrics.functional import classification as tmf
 
+from xrayfusion import runtime
 from xrayfusion.errors import ConfigError, DataError
 from xrayfusion.models import FusionClassifier
 
@@ -56,6 +57,9 @@ def load_classifier(ckpt_path: str | Path, device: str | torch.device = "cpu") -
             f"ckpt_path={path} is not a file; pass a checkpoint such as outputs/.../checkpoints/best.ckpt"
         )
     model = FusionClassifier.load_from_checkpoint(path, map_location=device, weights_only=True)
+    if model.bf16_keys and torch.device(device).type == "cpu":
+        names = ", ".join(sorted(model.bf16_keys))
+        runtime.warn_slow_cpu_bf16("cpu", f"checkpoint {path.name} runs branches {names} in bfloat16")
     return model.eval()
 
 

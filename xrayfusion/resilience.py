@@ -84,3 +84,11 @@ def failure_reason(err: BaseException) -> str:
     """A one-line reason for the failure tag of a run."""
     text = str(err).strip().splitlines()[0] if str(err).strip() else ""
     return f"{type(err).__name__}: {text}"[:1000] if text else type(err).__name__
+
+
+def checkpoint_hparams(path: str | Path) -> dict:
+    """The hyperparameters a Lightning checkpoint was saved with ({} when it holds none)."""
+    import torch
+
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return dict(state.get("hyper_parameters") or {})

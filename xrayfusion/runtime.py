@@ -60,13 +60,15 @@ def cpu_bf16_support() -> str:
     return "none"
 
 
-def warn_slow_cpu_bf16(accelerator: str = "auto") -> bool:
+def warn_slow_cpu_bf16(accelerator: str = "auto", what: str | None = None) -> bool:
     """Log a warning when bfloat16 is asked for on a CPU run whose CPU has no bf16 instructions; True if warned."""
     on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
     if on_gpu or cpu_bf16_support() != "none":
         return False
+    what = what or "bfloat16 requested (trainer.precision=bf16-* or model.bf16_branches)"
     log.warning(
-        "bfloat16 requested (trainer.precision=bf16-* or model.bf16_branches) but this CPU has neither AMX nor "
-        "AVX512-BF16: bf16 is emulated and usually slower than float32; drop the bf16 settings on this machine"
+        "%s but this CPU has neither AMX nor AVX512-BF16: bf16 is emulated and usually slower than float32; "
+        "drop the bf16 settings on this machine (model.bf16_branches=auto measures instead)",
+        what,
     )
     return True

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +33,11 @@ def run_name(cfg: DictConfig) -> str:
     return cfg.logger.get("run_name") or f"{cfg.fusion.name}:{'+'.join(cfg.model.branches)}"
 
 
-def build_model(cfg: DictConfig, dm: XRayDataModule) -> FusionClassifier:
+def build_model(cfg: DictConfig, dm: XRayDataModule, bf16_branches: Sequence[str] | None = None) -> FusionClassifier:
+    """The FusionClassifier of `cfg`; `bf16_branches` (a resolved list) overrides cfg.model.bf16_branches."""
     weights = dm.loss_weights()
     scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
+    configured = _bf16_branches(cfg.model.get("bf16_branches"))
     model = FusionClassifier(
         branches=list(cfg.model.branches),
         num_classes=dm.num_classes,
@@ -48,25 +52,55 @@ def build_model(cfg: DictConfig, dm: XRayDataModule) -> FusionClassifier:
         threshold=thresholds.initial_threshold(cfg.metrics.threshold),
         channels_last=bool(cfg.model.get("channels_last", False)),
         compile=bool(cfg.model.get("compile", False)),
-        bf16_branches=_bf16_branches(cfg.model.get("bf16_branches")),
+        bf16_branches=configured if bf16_branches is None else list(bf16_branches),
         optimizer=instantiate(cfg.optimizer),
         scheduler=scheduler,
     )
-    if cfg.model.get("bf16_branches") == precision.AUTO:
-        precision.autotune_bf16(
-            model, int(cfg.data.batch_size), int(cfg.data.image_size), on_gpu=_on_gpu(cfg.trainer.get("accelerator"))
-        )
+    if bf16_branches is None and configured == precision.AUTO:
+        _resolve_auto_bf16(cfg, model)
     return model
-
-
-def _on_gpu(accelerator: str | None) -> bool:
-    return accelerator in ("gpu", "cuda") or (accelerator in (None, "auto") and torch.cuda.is_available())
 
 
 def _bf16_branches(value: Any) -> list[str] | str:
     if value is None or isinstance(value, str):
         return value or []
     return [str(v) for v in value]
+
+
+def _on_gpu(accelerator: str | None) -> bool:
+    return accelerator in ("gpu", "cuda") or (accelerator in (None, "auto") and torch.cuda.is_available())
+
+
+def _trainer_bf16(cfg: DictConfig) -> bool:
+    return str(cfg.trainer.get("precision", "")).startswith("bf16")
+
+
+def _resolve_auto_bf16(cfg: DictConfig, model: FusionClassifier) -> None:
+    """model.bf16_branches=auto: time the branches, unless nothing is left to choose."""
+    if _trainer_bf16(cfg):
+        log.info("model.bf16_branches=auto: trainer.precision=%s runs every branch in bf16", cfg.trainer.precision)
+        model.set_bf16_branches([])
+        return
+    on_gpu = _on_gpu(cfg.trainer.get("accelerator"))
+    processes = int(cfg.trainer.get("num_nodes") or 1) * (
+        int(cfg.trainer.devices) if str(cfg.trainer.get("devices", 1)).lstrip("-").isdigit() else 1
+    )
+    if not on_gpu and processes != 1:
+        log.warning(
+            "model.bf16_branches=auto is not timed under CPU DDP (processes would time on shared cores and could "
+            "disagree): every branch stays float32; name the branches instead, e.g. model.bf16_branches=[small_cnn]"
+        )
+        model.set_bf16_branches([])
+        return
+    precision.autotune_bf16(model, int(cfg.data.batch_size), int(cfg.data.image_size), on_gpu=on_gpu)
+
+
+def bf16_param(cfg: DictConfig, model: FusionClassifier) -> str:
+    """What runs in bf16, for MLflow: 'all (trainer.precision=...)', the branch names, or 'none'."""
+    if _trainer_bf16(cfg):
+        return f"all (trainer.precision={cfg.trainer.precision})"
+    names = [b for b, k in zip(model.hparams.branches, model.keys, strict=True) if k in model.bf16_keys]
+    return ",".join(names) or "none"
 
 
 def _callbacks(cfg: DictConfig, ckpt_dir: Path) -> tuple[ModelCheckpoint, EpochHistory, list[pl.Callback]]:
@@ -110,12 +144,17 @@ def train(cfg: DictConfig) -> float | None:
     out_dir.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(int(cfg.seed), workers=True)
     runtime.configure_torch(**(OmegaConf.to_container(cfg.runtime) if cfg.get("runtime") else {}))
-    if cfg.model.get("bf16_branches") or str(cfg.trainer.get("precision", "")).startswith("bf16"):
+    if cfg.model.get("bf16_branches") not in (None, [], precision.AUTO) or _trainer_bf16(cfg):
         runtime.warn_slow_cpu_bf16(str(cfg.trainer.get("accelerator", "auto")))
 
     dm = XRayDataModule(OmegaConf.to_container(cfg.data, resolve=True))
     source = dm.prepare()
-    model = build_model(cfg, dm)
+    resumed_bf16 = None
+    if resume and resume.checkpoint and cfg.model.get("bf16_branches") == precision.AUTO:
+        # the resumed run keeps the precisions its first part measured (no new timing, no param mismatch)
+        resumed_bf16 = resilience.checkpoint_hparams(resume.checkpoint).get("bf16_branches") or []
+    model = build_model(cfg, dm, bf16_branches=resumed_bf16)
+    resolved_bf16 = [b for b, k in zip(model.hparams.branches, model.keys, strict=True) if k in model.bf16_keys]
 
     tags = {"fusion": str(cfg.fusion.name), "branches": ",".join(cfg.model.branches), "data": str(cfg.data.name)}
     tags.update(sweep.sweep_tags(cfg.logger.get("sweep_id"), cfg.logger.get("sweep_job")))
@@ -135,10 +174,7 @@ def train(cfg: DictConfig) -> float | None:
             "data/num_classes": len(source.class_names),
             **{f"data/n_{s}": len(getattr(source, s)) for s in ("train", "val", "test") if getattr(source, s)},
             # the branches that run in bf16 autocast (model.bf16_branches=auto resolved by measurement)
-            "precision/bf16_branches": ",".join(
-                b for b, k in zip(model.hparams.branches, model.keys, strict=True) if k in model.bf16_keys
-            )
-            or "none",
+            "precision/bf16_branches": bf16_param(cfg, model),
         },
     )
     logger.log_metrics({"data/skipped": len(source.skipped)})
@@ -172,7 +208,8 @@ def train(cfg: DictConfig) -> float | None:
                 checkpoint.monitor,
                 checkpoint.best_model_score,
             )
-        fusion_fit.fit_fusion(cfg, model, dm, logger, out_dir, build_model)  # calibration, fusion fit, thresholds
+        fold_builder = functools.partial(build_model, bf16_branches=resolved_bf16)  # folds: the same precisions
+        fusion_fit.fit_fusion(cfg, model, dm, logger, out_dir, fold_builder)  # calibration, fusion fit, thresholds
         final_ckpt = out_dir / "checkpoints" / "best.ckpt"
         trainer.save_checkpoint(final_ckpt, weights_only=True)
         tracking.log_artifact(logger, final_ckpt, "checkpoints")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import logging
 import re
@@ -24,11 +25,24 @@ FUSED = "fused"
 log = logging.getLogger(__name__)
 
 
+@functools.cache
+def _cuda_bf16(index: int | None) -> bool:
+    with torch.cuda.device(index if index is not None else torch.cuda.current_device()):
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+
+
 def bf16_branch_indices(branches: Sequence[str], bf16_branches: Sequence[str] | str | None) -> list[int]:
     """Positions in `branches` of the names in `bf16_branches` (`all`: every branch; `auto`: none until
     measured, see models/precision.py); ValueError for unknown ones."""
-    if not bf16_branches or bf16_branches == "auto":
+    if bf16_branches is None or (isinstance(bf16_branches, Sequence) and len(bf16_branches) == 0):
         return []
+    if bf16_branches == "auto":
+        return []
+    if not isinstance(bf16_branches, Sequence):
+        raise ValueError(
+            f"model.bf16_branches={bf16_branches!r} must be a list of branch names, 'all' or 'auto', "
+            f"e.g. 'model.bf16_branches=[{branches[0]}]'"
+        )
     if isinstance(bf16_branches, str):
         if bf16_branches != "all":
             raise ValueError(
@@ -173,8 +187,8 @@ class FusionClassifier(pl.LightningModule):
 
     def _branch_autocast(self, key: str, device: torch.device) -> contextlib.AbstractContextManager:
         """bfloat16 autocast for the branches named in bf16_branches; the trainer's precision for the others."""
-        if key not in self.bf16_keys:
-            return contextlib.nullcontext()
+        if key not in self.bf16_keys or (device.type == "cuda" and not _cuda_bf16(device.index)):
+            return contextlib.nullcontext()  # a GPU without bf16 (e.g. V100, T4) runs the branch in float32
         return torch.autocast(device.type, dtype=torch.bfloat16)
 
     def _loss(self, out: Mapping[str, torch.Tensor | None], y: torch.Tensor) -> torch.Tensor:

@@ -89,10 +89,12 @@ def autotune_bf16(
 ) -> tuple[list[str], list[BranchTiming]]:
     """Resolve `bf16_branches=auto` on `model` in place; returns the chosen branches and the timings.
 
-    GPUs: every branch (bf16 tensor cores). CPUs without bf16 instructions: none. Otherwise each branch is timed.
+    GPUs with bf16 tensor cores: every branch; other GPUs and CPUs without bf16 instructions: none. Otherwise each
+    branch is timed.
     """
-    if on_gpu:
-        chosen, timings = list(model.hparams.branches), []
+    if on_gpu:  # bf16 tensor cores (Ampere and later); older GPUs only emulate bf16
+        bf16_gpu = torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+        chosen, timings = (list(model.hparams.branches) if bf16_gpu else []), []
     elif cpu_bf16_support() == "none":
         chosen, timings = [], []
     else:
