@@ -35,27 +35,38 @@ class BranchTiming:
         return self.fp32_s / self.bf16_s if self.bf16_s > 0 else float("nan")
 
 
-def _step_seconds(branch: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, bf16: bool, steps: int) -> float:
-    """Fastest of `steps` forward+backward passes after one warm-up (the minimum is the least noisy estimate)."""
+def _step_seconds(branch: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, bf16: bool) -> float:
+    """Seconds of one forward + backward pass of `branch` (float32 or bfloat16 autocast)."""
     device = x.device
-    best = float("inf")
-    for i in range(steps + 1):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        started = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits = branch(x)
-        F.cross_entropy(logits.float(), y).backward()
-        branch.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if i > 0:
-            best = min(best, time.perf_counter() - started)
-    return best
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    started = time.perf_counter()
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        logits = branch(x)
+    F.cross_entropy(logits.float(), y).backward()
+    branch.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - started
+
+
+def _paired_seconds(branch: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int) -> tuple[float, float]:
+    """Fastest float32 and bf16 step after a warm-up of each, the two alternating so that a load spike from
+    another process hits both (the minimum is the least noisy estimate of a step's cost)."""
+    _step_seconds(branch, x, y, False), _step_seconds(branch, x, y, True)
+    fp32, bf16 = float("inf"), float("inf")
+    for i in range(steps):
+        for use_bf16 in (False, True) if i % 2 == 0 else (True, False):
+            seconds = _step_seconds(branch, x, y, use_bf16)
+            if use_bf16:
+                bf16 = min(bf16, seconds)
+            else:
+                fp32 = min(fp32, seconds)
+    return fp32, bf16
 
 
 def time_branches(
-    model: torch.nn.Module, batch_size: int, image_size: int, device: torch.device | str = "cpu", steps: int = 2
+    model: torch.nn.Module, batch_size: int, image_size: int, device: torch.device | str = "cpu", steps: int = 3
 ) -> list[BranchTiming]:
     """Time a training step of each branch of a FusionClassifier (on copies: the model is left untouched)."""
     device = torch.device(device)
@@ -68,9 +79,7 @@ def time_branches(
     for i, (name, key) in enumerate(zip(model.hparams.branches, model.keys, strict=True)):
         branch = torch.nn.Sequential(copy.deepcopy(model.backbones[key]), copy.deepcopy(model.heads[key]))
         branch.to(device).train()
-        fp32 = _step_seconds(branch, inputs[i], y, False, steps)
-        bf16 = _step_seconds(branch, inputs[i], y, True, steps)
-        timings.append(BranchTiming(str(name), fp32, bf16))
+        timings.append(BranchTiming(str(name), *_paired_seconds(branch, inputs[i], y, steps)))
         del branch
     return timings
 
