@@ -51,9 +51,11 @@ def _step_seconds(branch: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, bf1
 
 
 def _paired_seconds(branch: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int) -> tuple[float, float]:
-    """Fastest float32 and bf16 step after a warm-up of each, the two alternating so that a load spike from
-    another process hits both (the minimum is the least noisy estimate of a step's cost)."""
-    _step_seconds(branch, x, y, False), _step_seconds(branch, x, y, True)
+    """Fastest float32 and bf16 step after two warm-up steps of each (kernel selection and allocator caches
+    settle in the first steps), the two alternating so that a load spike from another process hits both (the
+    minimum is the least noisy estimate of a step's cost)."""
+    for _ in range(2):
+        _step_seconds(branch, x, y, False), _step_seconds(branch, x, y, True)
     fp32, bf16 = float("inf"), float("inf")
     for i in range(steps):
         for use_bf16 in (False, True) if i % 2 == 0 else (True, False):
