@@ -44,6 +44,9 @@ from torchvision import transforms as T  # noqa: E402
 from xrayfusion.data.datamodule import XRayDataModule  # noqa: E402
 from xrayfusion.data.decode import IMAGE_SUFFIXES, decode_images  # noqa: E402
 from xrayfusion.data.transforms import TensorDataset, build_augment  # noqa: E402
+from xrayfusion.models import FusionClassifier  # noqa: E402
+from xrayfusion.models.module import bf16_branch_indices  # noqa: E402
+from xrayfusion.models.precision import autotune_bf16, choose_bf16_branches, time_branches  # noqa: E402
 from xrayfusion.runtime import configure_torch  # noqa: E402
 from xrayfusion.training import build_model  # noqa: E402
 
@@ -104,8 +107,8 @@ class Setup:
 
     def bf16_for(self, branch: str) -> bool:
         """bfloat16 autocast for this model: trainer.precision=bf16-* or the branch is in model.bf16_branches."""
-        listed = self.cfg.model.get("bf16_branches") or []
-        return self.bf16 or listed == "all" or branch in list(listed)
+        chosen = bf16_branch_indices(self.branches, self.cfg.model.get("bf16_branches"))
+        return self.bf16 or branch in [self.branches[i] for i in chosen]
 
     @property
     def channels_last(self) -> bool:
@@ -264,9 +267,8 @@ def xrayfusion_joint(setup: Setup, branches: Sequence[str] | None = None, name: 
     cfg = setup.cfg.copy()
     if branches is not None:
         cfg.model.branches = list(branches)
-        listed = cfg.model.get("bf16_branches") or []
-        if listed != "all":
-            cfg.model.bf16_branches = [b for b in listed if b in branches]
+        chosen = bf16_branch_indices(setup.branches, cfg.model.get("bf16_branches"))
+        cfg.model.bf16_branches = [setup.branches[i] for i in chosen if setup.branches[i] in branches]
     started = time.perf_counter()
     dm = XRayDataModule(OmegaConf.to_container(cfg.data, resolve=True))
     source = dm.prepare()
@@ -332,9 +334,6 @@ def _resolve_auto_bf16(cfg: DictConfig, device: torch.device) -> None:
     """model.bf16_branches=auto: measure once, up front, so every contender runs the same per-model precision."""
     if cfg.model.get("bf16_branches") != "auto":
         return
-    from xrayfusion.models import FusionClassifier
-    from xrayfusion.models.precision import autotune_bf16
-
     configure_torch(cfg.runtime.threads, cfg.runtime.matmul_precision)
     size = int(cfg.data.image_size)
     model = FusionClassifier(
@@ -479,25 +478,8 @@ def switches(args: argparse.Namespace) -> None:
 
 
 # ---- precision: which branches train faster in bfloat16 on this machine -----------------------------------------
-def _step_seconds(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, device: torch.device) -> float:
-    """Median seconds of one training step (forward, loss, backward, AdamW) after two warm-up steps."""
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    times = []
-    for _ in range(steps + 2):
-        _sync(device)
-        t0 = time.perf_counter()
-        loss = model._loss(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return _median(times[2:])
-
-
 def precision(args: argparse.Namespace) -> None:
-    """Per branch: a training step in float32 vs bfloat16 autocast (model.bf16_branches), fastest one suggested."""
-    from xrayfusion.models import FusionClassifier
+    """Per branch: a training step in float32 vs bfloat16 autocast, timed as model.bf16_branches=auto times it."""
     from xrayfusion.runtime import cpu_bf16_support
 
     device = torch.device(args.device)
@@ -510,39 +492,18 @@ def precision(args: argparse.Namespace) -> None:
     )
     channels_last = args.channels_last if args.channels_last is not None else True
     print(
-        f"{size} px, batch {args.batch_size}, channels_last {channels_last}, median of {args.steps} steps "
-        f"after 2 warm-up, settings alternating for {args.rounds} round(s)",
+        f"{size} px, batch {args.batch_size}, channels_last {channels_last}; per branch: forward + loss + backward, "
+        f"2 warm-up steps per precision, then the fastest of {args.steps} alternating float32/bf16 pairs",
         flush=True,
     )
-    gen = torch.Generator().manual_seed(args.seed)
-    x = torch.randint(0, 256, (args.batch_size, 1, size, size), dtype=torch.uint8, generator=gen).to(device)
-    y = torch.randint(0, 2, (args.batch_size,), generator=gen).to(device)
-    faster = []
+    torch.manual_seed(args.seed)
+    model = FusionClassifier(list(args.branches), 2, {"name": "average"}, image_size=size, channels_last=channels_last)
+    timings = time_branches(model, args.batch_size, size, device, steps=args.steps)
     print("\n| branch | float32 ms/step | bf16 ms/step | bf16 speed-up |")
     print("|---|---|---|---|")
-    for branch in args.branches:
-        times: dict[bool, list[float]] = {False: [], True: []}
-        for r in range(args.rounds):
-            for bf16 in (False, True) if r % 2 == 0 else (True, False):
-                torch.manual_seed(args.seed)
-                model = (
-                    FusionClassifier(
-                        [branch],
-                        2,
-                        {"name": "average"},
-                        image_size=size,
-                        channels_last=channels_last,
-                        bf16_branches=[branch] if bf16 else [],
-                    )
-                    .to(device)
-                    .train()
-                )
-                times[bf16].append(_step_seconds(model, x, y, args.steps, device))
-        fp32, bf16 = _median(times[False]), _median(times[True])
-        if fp32 / bf16 >= 1.1:  # the margin model.bf16_branches=auto uses (xrayfusion/models/precision.py)
-            faster.append(branch)
-        print(f"| {branch} | {1000 * fp32:.0f} | {1000 * bf16:.0f} | {fp32 / bf16:.2f}x |", flush=True)
-    print(f"\n>= 1.1x faster in bf16 here: model.bf16_branches=[{','.join(faster)}]")
+    for t in timings:
+        print(f"| {t.branch} | {1000 * t.fp32_s:.0f} | {1000 * t.bf16_s:.0f} | {t.speedup:.2f}x |")
+    print(f"\n>= 1.1x faster in bf16 here: model.bf16_branches=[{','.join(choose_bf16_branches(timings))}]")
 
 
 # ---- profile: where the time of joint training goes -------------------------------------------------------------
@@ -688,8 +649,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     pp.add_argument("--branches", nargs="+", default=["resnet18", "mobilenetv2_100", "efficientnet_lite0", "small_cnn"])
     pp.add_argument("--image-size", type=int, default=None, help="default 64 on CPU, 224 on GPU")
     pp.add_argument("--batch-size", type=int, default=32)
-    pp.add_argument("--steps", type=int, default=5)
-    pp.add_argument("--rounds", type=int, default=2)
+    pp.add_argument("--steps", type=int, default=5, help="alternating float32/bf16 pairs after the warm-up")
     pp.add_argument("--channels-last", default=None, type=lambda s: s.lower() in ("1", "true", "yes"))
     pp.add_argument("--threads", type=int, default=None)
     pp.add_argument("--seed", type=int, default=0)

@@ -54,7 +54,7 @@ def _benchmark(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_precision_prints_per_branch_speedups(tmp_path: Path) -> None:
     args = ["precision", "--branches", "small_cnn", "resnet18", "--image-size=32", "--batch-size=4", "--steps=1"]
-    result = _benchmark([*args, "--rounds=1"], tmp_path)
+    result = _benchmark(args, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [line for line in result.stdout.splitlines() if line.startswith("| small_cnn") or line.startswith("| res")]
     assert len(rows) == 2

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
-
-from omegaconf import ListConfig
 
 from xrayfusion import fusion_fit
 from xrayfusion.errors import ConfigError
@@ -41,11 +39,8 @@ def validate(cfg: Mapping[str, Any]) -> None:
     for name in branches:
         check_backbone_name(str(name))
     _check_transfer(cfg["model"], [str(b) for b in branches])
-    bf16 = cfg["model"].get("bf16_branches")
-    if isinstance(bf16, Sequence | ListConfig) and not isinstance(bf16, str):
-        bf16 = list(bf16)
     try:
-        bf16_branch_indices([str(b) for b in branches], bf16)
+        bf16_branch_indices([str(b) for b in branches], cfg["model"].get("bf16_branches"))
     except ValueError as err:
         raise ConfigError(str(err)) from err
     size = int(cfg["data"].get("image_size", 64))

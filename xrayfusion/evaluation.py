@@ -58,7 +58,7 @@ def load_classifier(ckpt_path: str | Path, device: str | torch.device = "cpu") -
         )
     model = FusionClassifier.load_from_checkpoint(path, map_location=device, weights_only=True)
     if model.bf16_keys and torch.device(device).type == "cpu":
-        names = ", ".join(sorted(model.bf16_keys))
+        names = ", ".join(model.bf16_branch_names)
         runtime.warn_slow_cpu_bf16("cpu", f"checkpoint {path.name} runs branches {names} in bfloat16")
     return model.eval()
 

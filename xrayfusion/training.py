@@ -82,10 +82,8 @@ def _resolve_auto_bf16(cfg: DictConfig, model: FusionClassifier) -> None:
         model.set_bf16_branches([])
         return
     on_gpu = _on_gpu(cfg.trainer.get("accelerator"))
-    processes = int(cfg.trainer.get("num_nodes") or 1) * (
-        int(cfg.trainer.devices) if str(cfg.trainer.get("devices", 1)).lstrip("-").isdigit() else 1
-    )
-    if not on_gpu and processes != 1:
+    several = int(cfg.trainer.get("num_nodes") or 1) > 1 or cfg.trainer.get("devices", 1) not in (1, "1", "auto")
+    if not on_gpu and several:
         log.warning(
             "model.bf16_branches=auto is not timed under CPU DDP (processes would time on shared cores and could "
             "disagree): every branch stays float32; name the branches instead, e.g. model.bf16_branches=[small_cnn]"
@@ -99,8 +97,7 @@ def bf16_param(cfg: DictConfig, model: FusionClassifier) -> str:
     """What runs in bf16, for MLflow: 'all (trainer.precision=...)', the branch names, or 'none'."""
     if _trainer_bf16(cfg):
         return f"all (trainer.precision={cfg.trainer.precision})"
-    names = [b for b, k in zip(model.hparams.branches, model.keys, strict=True) if k in model.bf16_keys]
-    return ",".join(names) or "none"
+    return ",".join(model.bf16_branch_names) or "none"
 
 
 def _callbacks(cfg: DictConfig, ckpt_dir: Path) -> tuple[ModelCheckpoint, EpochHistory, list[pl.Callback]]:
@@ -154,7 +151,6 @@ def train(cfg: DictConfig) -> float | None:
         # the resumed run keeps the precisions its first part measured (no new timing, no param mismatch)
         resumed_bf16 = resilience.checkpoint_hparams(resume.checkpoint).get("bf16_branches") or []
     model = build_model(cfg, dm, bf16_branches=resumed_bf16)
-    resolved_bf16 = [b for b, k in zip(model.hparams.branches, model.keys, strict=True) if k in model.bf16_keys]
 
     tags = {"fusion": str(cfg.fusion.name), "branches": ",".join(cfg.model.branches), "data": str(cfg.data.name)}
     tags.update(sweep.sweep_tags(cfg.logger.get("sweep_id"), cfg.logger.get("sweep_job")))
@@ -208,7 +204,9 @@ def train(cfg: DictConfig) -> float | None:
                 checkpoint.monitor,
                 checkpoint.best_model_score,
             )
-        fold_builder = functools.partial(build_model, bf16_branches=resolved_bf16)  # folds: the same precisions
+        fold_builder = functools.partial(
+            build_model, bf16_branches=model.bf16_branch_names
+        )  # folds: the same precisions
         fusion_fit.fit_fusion(cfg, model, dm, logger, out_dir, fold_builder)  # calibration, fusion fit, thresholds
         final_ckpt = out_dir / "checkpoints" / "best.ckpt"
         trainer.save_checkpoint(final_ckpt, weights_only=True)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-import logging
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -22,8 +21,6 @@ from xrayfusion.models.fusion import build_fusion
 
 FUSED = "fused"
 
-log = logging.getLogger(__name__)
-
 
 @functools.cache
 def _cuda_bf16(index: int | None) -> bool:
@@ -33,23 +30,16 @@ def _cuda_bf16(index: int | None) -> bool:
 
 def bf16_branch_indices(branches: Sequence[str], bf16_branches: Sequence[str] | str | None) -> list[int]:
     """Positions in `branches` of the names in `bf16_branches` (`all`: every branch; `auto`: none until
-    measured, see models/precision.py); ValueError for unknown ones."""
-    if bf16_branches is None or (isinstance(bf16_branches, Sequence) and len(bf16_branches) == 0):
+    measured, see models/precision.py); ValueError for unknown names or values."""
+    if bf16_branches is None or bf16_branches == "auto":
         return []
-    if bf16_branches == "auto":
-        return []
-    if not isinstance(bf16_branches, Sequence):
+    if bf16_branches == "all":
+        return list(range(len(branches)))
+    if isinstance(bf16_branches, str) or not isinstance(bf16_branches, Sequence):
         raise ValueError(
             f"model.bf16_branches={bf16_branches!r} must be a list of branch names, 'all' or 'auto', "
             f"e.g. 'model.bf16_branches=[{branches[0]}]'"
         )
-    if isinstance(bf16_branches, str):
-        if bf16_branches != "all":
-            raise ValueError(
-                f"model.bf16_branches={bf16_branches!r} must be a list of branch names, 'all' or 'auto', "
-                f"e.g. 'model.bf16_branches=[{branches[0]}]'"
-            )
-        return list(range(len(branches)))
     unknown = [b for b in bf16_branches if b not in branches]
     if unknown:
         raise ValueError(
@@ -184,6 +174,11 @@ class FusionClassifier(pl.LightningModule):
         branches = list(self.hparams.branches)
         self.bf16_keys = frozenset(self.keys[i] for i in bf16_branch_indices(branches, names))
         self.hparams.bf16_branches = names if isinstance(names, str) else list(names)
+
+    @property
+    def bf16_branch_names(self) -> list[str]:
+        """The branches (model.branches names) whose forward runs in bfloat16 autocast."""
+        return [b for b, k in zip(self.hparams.branches, self.keys, strict=True) if k in self.bf16_keys]
 
     def _branch_autocast(self, key: str, device: torch.device) -> contextlib.AbstractContextManager:
         """bfloat16 autocast for the branches named in bf16_branches; the trainer's precision for the others."""
