@@ -47,8 +47,8 @@ from xrayfusion.data.transforms import TensorDataset, build_augment  # noqa: E40
 from xrayfusion.models import FusionClassifier  # noqa: E402
 from xrayfusion.models.module import bf16_branch_indices  # noqa: E402
 from xrayfusion.models.precision import autotune_bf16, choose_bf16_branches, time_branches  # noqa: E402
-from xrayfusion.runtime import configure_torch  # noqa: E402
-from xrayfusion.training import build_model  # noqa: E402
+from xrayfusion.core.runtime import configure_torch  # noqa: E402
+from xrayfusion.training.factory import build_model  # noqa: E402
 
 DEFAULT_ROOT = os.environ.get("XRAYFUSION_KERMANY_ROOT", str(REPO.parent / "shared" / "data" / "chest_xray_224"))
 CLASSES = ("NORMAL", "PNEUMONIA")

@@ -8,38 +8,39 @@ import os
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from xrayfusion.errors import exit_on_error
+from xrayfusion.core.cli import CONFIG_DIR, one_line_errors, run
 
 log = logging.getLogger("xrayfusion")
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
+@one_line_errors
 def main(cfg: DictConfig) -> None:
-    from xrayfusion import evaluation, tracking
+    from xrayfusion import tracking
+    from xrayfusion.evaluation import evaluate, loading, metrics
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    with exit_on_error():
-        uri = tracking.resolve_tracking_uri(cfg.logger.get("tracking_uri"))
-        model = evaluation.resolve_classifier(cfg.run_id, cfg.ckpt_path, uri, cfg.device)
-        data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
-        results, predictions = evaluation.evaluate_model(
-            model,
-            data_cfg,
-            cfg.split,
-            int(cfg.metrics.bootstrap),
-            int(cfg.seed),
-            cfg.metrics.threshold,
-            int(cfg.batch_size),
-        )
-        prefix = f"eval/{cfg.name}" if cfg.split == "test" else f"eval/{cfg.name}_{cfg.split}"
-        print(f"{prefix} ({len(predictions)} images, 95% bootstrap intervals over {cfg.metrics.bootstrap} resamples)")
-        print(evaluation.results_table(results).to_markdown(index=False))
-        if cfg.log and cfg.run_id:
-            evaluation.log_evaluation(uri, cfg.run_id, prefix, results, predictions)
-            log.info("logged %s/... into run %s", prefix, cfg.run_id)
-        elif cfg.log:
-            log.info("ckpt_path has no run to log into; printed only")
+    uri = tracking.resolve_tracking_uri(cfg.logger.get("tracking_uri"))
+    model = loading.resolve_classifier(cfg.run_id, cfg.ckpt_path, uri, cfg.device)
+    data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
+    results, predictions = evaluate.evaluate_model(
+        model,
+        data_cfg,
+        cfg.split,
+        int(cfg.metrics.bootstrap),
+        int(cfg.seed),
+        cfg.metrics.threshold,
+        int(cfg.batch_size),
+    )
+    prefix = f"eval/{cfg.name}" if cfg.split == "test" else f"eval/{cfg.name}_{cfg.split}"
+    print(f"{prefix} ({len(predictions)} images, 95% bootstrap intervals over {cfg.metrics.bootstrap} resamples)")
+    print(metrics.results_table(results).to_markdown(index=False))
+    if cfg.log and cfg.run_id:
+        evaluate.log_evaluation(uri, cfg.run_id, prefix, results, predictions)
+        log.info("logged %s/... into run %s", prefix, cfg.run_id)
+    elif cfg.log:
+        log.info("ckpt_path has no run to log into; printed only")
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import csv
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
+from xrayfusion.core.errors import ConfigError, DataError
 from xrayfusion.data.decode import Failure
-from xrayfusion.data.sources import ImageSet, SourceData, check_classes, decode_set
+from xrayfusion.data.imageset import ImageSet, SourceData, check_classes, decode_set
+from xrayfusion.data.registry import register_source, require_root
 from xrayfusion.data.splits import carve_validation, patient_id
-from xrayfusion.errors import ConfigError, DataError
 
 CSV_NAME = "Chest_xray_Corona_Metadata.csv"
 IMAGE_DIR = "Coronahack-Chest-XRay-Dataset"
@@ -137,3 +139,15 @@ def load_coronahack(
     train, val = train.subset(train_idx), train.subset(val_idx)
     check_classes("val", val, class_names, str(root))
     return SourceData(list(class_names), train, val, test, skipped)
+
+
+@register_source("coronahack")
+def _coronahack(cfg: Mapping[str, Any], size: int) -> SourceData:
+    return load_coronahack(
+        require_root(cfg),
+        size,
+        str(cfg.get("task", "binary")),
+        float(cfg.get("val_fraction", 0.15)),
+        int(cfg.get("seed", 0)),
+        cache_dir=cfg.get("cache_dir"),
+    )

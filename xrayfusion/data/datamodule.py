@@ -10,12 +10,13 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
+from xrayfusion.core.distributed import eval_sampler
+from xrayfusion.core.errors import ConfigError
+from xrayfusion.core.runtime import resolve_workers
+from xrayfusion.data.imageset import ImageSet, SourceData
+from xrayfusion.data.registry import build_source
 from xrayfusion.data.skipped import check_strict, skipped_summary
-from xrayfusion.data.sources import ImageSet, SourceData, build_source
 from xrayfusion.data.transforms import TensorDataset, build_augment
-from xrayfusion.distributed import eval_sampler
-from xrayfusion.errors import ConfigError
-from xrayfusion.runtime import resolve_workers
 
 log = logging.getLogger(__name__)
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from xrayfusion.data.imageset import SourceData
 from xrayfusion.data.skipped import skipped_summary
-from xrayfusion.data.sources import SourceData
 
 SPLITS = ("train", "val", "test")
 

@@ -6,8 +6,8 @@ import csv
 from collections.abc import Sequence
 from pathlib import Path
 
+from xrayfusion.core.errors import DataError
 from xrayfusion.data.decode import Failure
-from xrayfusion.errors import DataError
 
 
 def skipped_summary(skipped: Sequence[Failure], first: int = 5) -> str:

@@ -1,9 +1,8 @@
-"""Data sources: each turns a config into decoded train/val/test ImageSets and class names."""
+"""The built-in sources: Kaggle-style class folders (Kermany, any folder), MedMNIST npz files, synthetic images."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -11,70 +10,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from xrayfusion.data.decode import Failure, decode_files
+from xrayfusion.core.errors import ConfigError, DataError
+from xrayfusion.data.decode import Failure
+from xrayfusion.data.imageset import ImageSet, SourceData, check_classes, decode_set
+from xrayfusion.data.registry import register_source, require_root
 from xrayfusion.data.splits import carve_validation, patient_id
-from xrayfusion.errors import ConfigError, DataError
-
-
-@dataclass
-class ImageSet:
-    """Decoded images (N, 1, H, W) uint8, labels (N,), patient groups, file names, original (width, height)."""
-
-    images: torch.Tensor
-    labels: torch.Tensor
-    groups: list[str]
-    names: list[str]
-    sizes: list[tuple[int, int]] | None = None
-
-    def __len__(self) -> int:
-        return int(self.labels.shape[0])
-
-    def subset(self, idx: Sequence[int] | np.ndarray) -> ImageSet:
-        idx_list = [int(i) for i in idx]
-        index = torch.as_tensor(idx_list, dtype=torch.long)
-        return ImageSet(
-            images=self.images[index],
-            labels=self.labels[index],
-            groups=[self.groups[i] for i in idx_list],
-            names=[self.names[i] for i in idx_list],
-            sizes=[self.sizes[i] for i in idx_list] if self.sizes is not None else None,
-        )
-
-    def class_counts(self, num_classes: int) -> list[int]:
-        return torch.bincount(self.labels, minlength=num_classes).tolist()
-
-
-@dataclass
-class SourceData:
-    """What a source yields: class names, the splits (val/test may be absent) and unreadable files."""
-
-    class_names: list[str]
-    train: ImageSet
-    val: ImageSet | None
-    test: ImageSet | None
-    skipped: list[Failure] = field(default_factory=list)
-
-
-def decode_set(
-    paths: Sequence[Path],
-    labels: Sequence[int],
-    groups: Sequence[str],
-    names: Sequence[str],
-    size: int,
-    workers: int,
-    cache_dir: str | Path | None = None,
-) -> tuple[ImageSet, list[Failure]]:
-    """Decode `paths` (through the decode cache when `cache_dir` is set) into an ImageSet, plus the failures."""
-    decoded = decode_files(paths, size, workers=workers, cache_dir=cache_dir)
-    ok = decoded.ok
-    image_set = ImageSet(
-        images=decoded.images,
-        labels=torch.as_tensor([labels[i] for i in ok], dtype=torch.long),
-        groups=[groups[i] for i in ok],
-        names=[names[i] for i in ok],
-        sizes=decoded.sizes,
-    )
-    return image_set, decoded.failures
 
 
 def list_files(folder: Path) -> list[Path]:
@@ -117,20 +57,6 @@ def _folder_split(
     names = [str(p.relative_to(split_dir)) for p in paths]
     image_set, failed = decode_set(paths, labels, groups, names, size, workers, cache_dir)
     return image_set, failures + failed
-
-
-def check_classes(split_name: str, split: ImageSet | None, class_names: Sequence[str], where: str) -> None:
-    """A split with no image of some class cannot be trained or validated on: fail naming the classes."""
-    if split is None:
-        return
-    counts = split.class_counts(len(class_names))
-    empty = [c for c, n in zip(class_names, counts, strict=True) if n == 0]
-    if empty:
-        raise DataError(
-            f"the {split_name} split of {where} has no readable images of class(es) {empty} "
-            f"(class counts {dict(zip(class_names, counts, strict=True))}); add images of those classes or "
-            "remove them from the data"
-        )
 
 
 def _find_split(root: Path, aliases: Sequence[str]) -> Path | None:
@@ -273,59 +199,43 @@ def make_synthetic(n_train: int, n_val: int, n_test: int, size: int, num_classes
     return SourceData(names, make(n_train, "train"), make(n_val, "val"), make(n_test, "test"))
 
 
-SOURCES = ("synthetic", "kermany", "coronahack", "folder", "medmnist")
+@register_source("synthetic")
+def _synthetic(cfg: Mapping[str, Any], size: int) -> SourceData:
+    return make_synthetic(
+        int(cfg.get("n_train", 192)),
+        int(cfg.get("n_val", 64)),
+        int(cfg.get("n_test", 64)),
+        size,
+        int(cfg.get("num_classes", 2)),
+        int(cfg.get("seed", 0)),
+    )
 
 
-def build_source(cfg: Mapping[str, Any]) -> SourceData:
-    """Build the source named by cfg['name'] from a plain data config mapping."""
-    name = cfg.get("name")
-    size = int(cfg.get("image_size", 64))
-    if size < 8:
-        raise ConfigError(f"data.image_size={size} is too small; use 28 or more")
-    seed = int(cfg.get("seed", 0))
-    if name == "synthetic":
-        return make_synthetic(
-            int(cfg.get("n_train", 192)),
-            int(cfg.get("n_val", 64)),
-            int(cfg.get("n_test", 64)),
-            size,
-            int(cfg.get("num_classes", 2)),
-            seed,
-        )
-    if name == "kermany":
-        if not cfg.get("root"):
-            raise ConfigError("data.root is not set; pass data.root=/path/to/chest_xray")
-        return load_folder_source(
-            cfg["root"],
-            size,
-            float(cfg.get("val_fraction", 0.15)),
-            seed,
-            group_fn=patient_id,
-            class_names=cfg.get("class_names") or ["NORMAL", "PNEUMONIA"],
-            cache_dir=cfg.get("cache_dir"),
-        )
-    if name in ("coronahack", "folder") and not cfg.get("root"):
-        raise ConfigError(f"data.root is not set; pass data.root=/path/to/your/{name} data")
-    if name == "coronahack":
-        from xrayfusion.data.coronahack import load_coronahack
+@register_source("kermany")
+def _kermany(cfg: Mapping[str, Any], size: int) -> SourceData:
+    return load_folder_source(
+        require_root(cfg),
+        size,
+        float(cfg.get("val_fraction", 0.15)),
+        int(cfg.get("seed", 0)),
+        group_fn=patient_id,
+        class_names=cfg.get("class_names") or ["NORMAL", "PNEUMONIA"],
+        cache_dir=cfg.get("cache_dir"),
+    )
 
-        return load_coronahack(
-            cfg["root"],
-            size,
-            str(cfg.get("task", "binary")),
-            float(cfg.get("val_fraction", 0.15)),
-            seed,
-            cache_dir=cfg.get("cache_dir"),
-        )
-    if name == "folder":
-        return load_folder_source(
-            cfg["root"],
-            size,
-            float(cfg.get("val_fraction", 0.15)),
-            seed,
-            class_names=cfg.get("class_names") or None,
-            cache_dir=cfg.get("cache_dir"),
-        )
-    if name == "medmnist":
-        return load_medmnist(cfg["path"], size, cfg.get("class_names"))
-    raise ConfigError(f"unknown data source data.name={name!r}; choose one of {list(SOURCES)}")
+
+@register_source("folder")
+def _folder(cfg: Mapping[str, Any], size: int) -> SourceData:
+    return load_folder_source(
+        require_root(cfg),
+        size,
+        float(cfg.get("val_fraction", 0.15)),
+        int(cfg.get("seed", 0)),
+        class_names=cfg.get("class_names") or None,
+        cache_dir=cfg.get("cache_dir"),
+    )
+
+
+@register_source("medmnist")
+def _medmnist(cfg: Mapping[str, Any], size: int) -> SourceData:
+    return load_medmnist(cfg["path"], size, cfg.get("class_names"))

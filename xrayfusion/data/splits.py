@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold
 
-from xrayfusion.errors import ConfigError
+from xrayfusion.core.errors import ConfigError
 
 _PATIENT_PATTERNS = (
     re.compile(r"^(person\d+)_", re.IGNORECASE),  # person123_bacteria_456.jpeg

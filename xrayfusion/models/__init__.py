@@ -1,8 +1,7 @@
-"""Backbones (timm factory + the project's own CNNs), fusion strategies and the LightningModule."""
+"""Models: backbones (timm + project CNNs), pretrained weights, precision, the LightningModule; imports fusion, core."""
 
 from xrayfusion.models import cnns  # noqa: F401  (registers small_cnn and darknet with timm)
 from xrayfusion.models.backbones import create_backbone, known_backbones
-from xrayfusion.models.fusion import FUSIONS, build_fusion
 from xrayfusion.models.module import FusionClassifier
 
-__all__ = ["FUSIONS", "FusionClassifier", "build_fusion", "create_backbone", "known_backbones"]
+__all__ = ["FusionClassifier", "create_backbone", "known_backbones"]

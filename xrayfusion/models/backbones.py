@@ -11,7 +11,8 @@ import timm
 import torch
 from torch import nn
 
-from xrayfusion.errors import ConfigError
+from xrayfusion.core.errors import ConfigError
+from xrayfusion.core.modes import eval_mode
 from xrayfusion.models import cnns  # noqa: F401  (registers the project CNNs)
 from xrayfusion.models.pretrained import PretrainedWeights, file_keys, resolve_weights
 
@@ -103,8 +104,7 @@ def feature_dim(backbone: nn.Module) -> int:
 
 def _forward_ok(backbone: nn.Module, in_chans: int, size: int) -> bool:
     try:
-        with torch.no_grad():
-            backbone(torch.zeros(1, in_chans, size, size))
+        backbone(torch.zeros(1, in_chans, size, size))
         return True
     except (RuntimeError, ValueError, AssertionError):
         return False
@@ -112,14 +112,10 @@ def _forward_ok(backbone: nn.Module, in_chans: int, size: int) -> bool:
 
 def check_input_size(name: str, backbone: nn.Module, in_chans: int, size: int) -> None:
     """Raise ConfigError when `backbone` cannot take `size` px inputs, naming a size that works."""
-    was_training = backbone.training
-    backbone.eval()
-    try:
+    with eval_mode(backbone):
         if _forward_ok(backbone, in_chans, size):
             return
         working = next((s for s in _CANDIDATE_SIZES if s > size and _forward_ok(backbone, in_chans, s)), None)
-    finally:
-        backbone.train(was_training)
     fix = f"use data.image_size={working} or more" if working else "use a larger data.image_size"
     raise ConfigError(
         f"backbone {name!r} cannot take {size}x{size} px images (its down-sampling shrinks them to nothing); "

@@ -14,12 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from xrayfusion.distributed import gather_rows
-from xrayfusion.metrics import metric_collection, metric_input, train_accuracy
+from xrayfusion.core.distributed import gather_rows
+from xrayfusion.core.names import FUSED
+from xrayfusion.fusion import build_fusion
 from xrayfusion.models.backbones import check_input_size, create_backbone, feature_dim, input_stats
-from xrayfusion.models.fusion import build_fusion
-
-FUSED = "fused"
+from xrayfusion.models.metrics import metric_collection, metric_input, train_accuracy
 
 
 @functools.cache
@@ -247,18 +246,6 @@ class FusionClassifier(pl.LightningModule):
             parts = (torch.cat(p) for p in zip(*self._test_store, strict=True))
             probs, fused, labels = (gather_rows(p, self.device) for p in parts)  # all processes' samples
             self.test_outputs = {"probs": probs, "fused_probs": fused, "labels": labels}
-
-    @torch.no_grad()
-    def predict_loader(self, loader: torch.utils.data.DataLoader) -> tuple[torch.Tensor, torch.Tensor]:
-        """Branch probabilities (N, K, C) and labels of every batch of `loader`, in eval mode."""
-        was_training = self.training
-        self.eval()
-        probs, labels = [], []
-        for x, y in loader:
-            probs.append(self(x.to(self.device))["probs"].float().cpu())
-            labels.append(y)
-        self.train(was_training)
-        return torch.cat(probs), torch.cat(labels)
 
     # ---- optimisation --------------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from xrayfusion.runtime import cpu_bf16_support
+from xrayfusion.core.runtime import cpu_bf16_support
 
 log = logging.getLogger(__name__)
 

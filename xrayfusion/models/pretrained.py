@@ -16,7 +16,7 @@ from urllib.parse import urlparse
 import timm
 import torch
 
-from xrayfusion.errors import ConfigError
+from xrayfusion.core.errors import ConfigError
 from xrayfusion.models.cnns import PROJECT_CNNS
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,47 @@
+import numpy as np
+import pytest
+
+from xrayfusion.core.errors import ConfigError
+from xrayfusion.data.splits import carve_validation, grouped_folds, patient_id
+
+
+@pytest.mark.parametrize(
+    ("name", "patient"),
+    [
+        ("person123_bacteria_456.jpeg", "person123"),
+        ("person1_virus_7.jpeg", "person1"),
+        ("IM-0117-0001.jpeg", "IM-0117"),
+        ("NORMAL2-IM-0012-0001.jpeg", "NORMAL2-IM-0012"),
+        ("NORMAL/IM-0117-0002.jpeg", "IM-0117"),
+        ("scan.png", "scan"),
+    ],
+)
+def test_patient_id(name: str, patient: str) -> None:
+    assert patient_id(name) == patient
+
+
+def test_carve_validation_keeps_patients_on_one_side_and_is_seeded() -> None:
+    groups = [f"p{i // 3}" for i in range(300)]
+    labels = [(i // 3) % 2 for i in range(300)]
+    train, val = carve_validation(labels, groups, 0.2, seed=1)
+    assert set(train).isdisjoint(val) and len(train) + len(val) == 300
+    assert {groups[i] for i in train}.isdisjoint({groups[i] for i in val})
+    assert 0.1 < len(val) / 300 < 0.3
+    assert set(np.asarray(labels)[val]) == {0, 1}
+    again = carve_validation(labels, groups, 0.2, seed=1)
+    assert np.array_equal(again[1], val)
+    other = carve_validation(labels, groups, 0.2, seed=2)
+    assert not np.array_equal(other[1], val)
+
+
+def test_grouped_folds_cover_every_index_once() -> None:
+    groups = [f"p{i // 2}" for i in range(100)]
+    labels = [i % 2 for i in range(100)]
+    held = np.concatenate([h for _, h in grouped_folds(labels, groups, 5, seed=0)])
+    assert sorted(held.tolist()) == list(range(100))
+
+
+@pytest.mark.parametrize("fraction", [0.0, 1.0, -0.1])
+def test_bad_val_fraction(fraction: float) -> None:
+    with pytest.raises(ConfigError, match="val_fraction"):
+        carve_validation([0, 1] * 10, [str(i) for i in range(20)], fraction, 0)

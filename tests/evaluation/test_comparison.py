@@ -1,0 +1,80 @@
+"""Comparison: filters, rows per run and branch, sorting, intervals in the table, plots; read from a tmp store."""
+
+from __future__ import annotations
+
+import mlflow
+import pandas as pd
+import pytest
+
+from tests.evaluation.test_evaluation import random_predictions
+from xrayfusion.core.errors import ConfigError
+from xrayfusion.evaluation import compare as comparison
+from xrayfusion.evaluation import metrics as evaluation
+
+
+def fill_store(uri: str, tmp_path) -> dict[str, str]:
+    """Two finished runs with test metrics (one with intervals) and test predictions."""
+    client = mlflow.MlflowClient(uri)
+    exp = client.create_experiment("xrayfusion", artifact_location=(tmp_path / "artifacts").as_uri())
+    ids = {}
+    for name, fusion, auroc in (("weak", "average", 0.61), ("strong", "stacking", 0.93)):
+        run = client.create_run(exp, run_name=name, tags={"fusion": fusion, "branches": "resnet18,small_cnn"})
+        for model, offset in (("fused", 0.0), ("resnet18", -0.05), ("small_cnn", -0.1)):
+            client.log_metric(run.info.run_id, f"test/{model}/auroc", auroc + offset)
+            client.log_metric(run.info.run_id, f"test/{model}/acc", 0.5 + offset)
+        if name == "strong":
+            client.log_metric(run.info.run_id, "test/fused/auroc_ci_low", 0.88)
+            client.log_metric(run.info.run_id, "test/fused/auroc_ci_high", 0.97)
+        labels, probs = random_predictions(40, seed=len(name))
+        frame = evaluation.predictions_frame([str(i) for i in range(40)], labels, {"fused": probs}, ["n", "p"])
+        path = tmp_path / f"{name}.csv"
+        frame.to_csv(path, index=False)
+        client.log_artifact(run.info.run_id, str(path))  # any name: only test_predictions.csv is read
+        if name == "strong":
+            frame.to_csv(tmp_path / "test_predictions.csv", index=False)
+            client.log_artifact(run.info.run_id, str(tmp_path / "test_predictions.csv"))
+        client.set_terminated(run.info.run_id)
+        ids[name] = run.info.run_id
+    return ids
+
+
+def test_build_filter_joins_tags_and_filter() -> None:
+    assert comparison.build_filter({"fusion": "stacking"}, None) == "tags.`fusion` = 'stacking'"
+    got = comparison.build_filter({"data": "kermany"}, "metrics.`test/fused/auroc` > 0.8")
+    assert got == "tags.`data` = 'kermany' and metrics.`test/fused/auroc` > 0.8"
+    assert comparison.build_filter({}, "a = 1 or b = 2") == "(a = 1 or b = 2)"
+
+
+def test_compare_runs_table_plots_and_read_only(tmp_path, tracking_uri: str) -> None:
+    ids = fill_store(tracking_uri, tmp_path)
+    client = mlflow.MlflowClient(tracking_uri)
+    before = {i: client.get_run(i).data for i in ids.values()}
+    runs = comparison.search_runs(tracking_uri, "xrayfusion")
+    frame = comparison.comparison_frame(runs, "test", ["acc", "auroc"], branches=True, sort_by="auroc")
+    assert list(frame["run_name"]) == ["strong"] * 3 + ["weak"] * 3
+    assert list(frame["model"][:3]) == ["fused", "resnet18", "small_cnn"]
+    ascending = comparison.comparison_frame(runs, "test", ["auroc"], sort_by="auroc", ascending=True)
+    assert list(ascending["run_name"]) == ["weak", "strong"] and list(ascending["model"]) == ["fused", "fused"]
+    table = comparison.markdown_table(frame, ["acc", "auroc"])
+    assert "0.930 [0.880, 0.970]" in table and "| weak" in table and table.count("\n") == 7
+    only = comparison.search_runs(tracking_uri, "xrayfusion", {"fusion": "stacking"})
+    assert [r.info.run_name for r in only] == ["strong"]
+    filtered = comparison.search_runs(tracking_uri, "xrayfusion", None, "metrics.`test/fused/auroc` < 0.7")
+    assert [r.info.run_name for r in filtered] == ["weak"]
+    with pytest.raises(ConfigError, match="experiment"):
+        comparison.search_runs(tracking_uri, "nope")
+    with pytest.raises(ConfigError, match="filter"):
+        comparison.search_runs(tracking_uri, "xrayfusion", None, "metrics.auroc >>> 1")
+    with pytest.raises(ConfigError, match="sort_by"):
+        comparison.comparison_frame(runs, "test", ["acc"], sort_by="auroc")
+    assert comparison.load_predictions(tracking_uri, ids["weak"], "test") is None
+    preds = comparison.load_predictions(tracking_uri, ids["strong"], "test")
+    assert isinstance(preds, pd.DataFrame) and len(preds) == 40
+    fig = comparison.roc_figure({"strong": preds})
+    assert "strong (AUC" in fig.axes[0].get_legend().get_texts()[0].get_text()
+    bars = comparison.bar_figure(frame, ["acc", "auroc"])
+    assert len(bars.axes[0].patches) == 2 * len(frame)
+    assert {i: client.get_run(i).data for i in ids.values()}.keys() == before.keys()
+    for run_id, data in before.items():
+        after = client.get_run(run_id).data
+        assert after.metrics == data.metrics and after.params == data.params and after.tags == data.tags

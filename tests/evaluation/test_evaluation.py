@@ -1,0 +1,190 @@
+"""Evaluation library: metrics against scikit-learn, seeded bootstrap intervals, checkpoint round trip, predict."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import pytorch_lightning as pl
+import torch
+from sklearn import metrics as skm
+
+from tests.conftest import write_image
+from xrayfusion.core.errors import ConfigError, DataError
+from xrayfusion.evaluation import loading, metrics
+from xrayfusion.evaluation import predict as prediction
+from xrayfusion.evaluation.evaluate import evaluate_model
+from xrayfusion.evaluation.inference import predict
+from xrayfusion.models import FusionClassifier
+
+
+def tiny_model(fusion: str = "stacking", size: int = 32) -> FusionClassifier:
+    torch.manual_seed(0)
+    return FusionClassifier(
+        branches=["small_cnn", "darknet"],
+        num_classes=2,
+        fusion={"name": fusion},
+        image_size=size,
+        class_names=["normal", "pneumonia"],
+        threshold=0.4,
+    ).eval()
+
+
+def save_checkpoint(model: FusionClassifier, path: Path) -> Path:
+    """What Trainer.save_checkpoint(weights_only=True) writes: weights plus the saved hparams."""
+    torch.save(
+        {
+            "state_dict": model.state_dict(),
+            "hyper_parameters": dict(model.hparams),
+            "pytorch-lightning_version": pl.__version__,
+        },
+        path,
+    )
+    return path
+
+
+def random_predictions(n: int = 120, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 2, (n,), generator=gen)
+    p1 = (0.35 * labels + 0.65 * torch.rand(n, generator=gen)).clamp(0, 1)
+    return labels, torch.stack([1 - p1, p1], dim=1)
+
+
+def test_binary_metrics_agree_with_scikit_learn() -> None:
+    labels, probs = random_predictions()
+    got = metrics.compute_metrics(labels, probs, threshold=0.4)
+    y, p = labels.numpy(), probs[:, 1].numpy()
+    pred = (p >= 0.4).astype(int)
+    assert got["acc"] == pytest.approx(skm.accuracy_score(y, pred), abs=1e-6)
+    assert got["precision"] == pytest.approx(skm.precision_score(y, pred), abs=1e-6)
+    assert got["recall"] == pytest.approx(skm.recall_score(y, pred), abs=1e-6)
+    assert got["specificity"] == pytest.approx(skm.recall_score(y, pred, pos_label=0), abs=1e-6)
+    assert got["f1"] == pytest.approx(skm.f1_score(y, pred), abs=1e-6)
+    assert got["auroc"] == pytest.approx(skm.roc_auc_score(y, p), abs=1e-6)
+    assert got["ap"] == pytest.approx(skm.average_precision_score(y, p), abs=1e-6)
+    assert 0.0 <= got["ece"] <= 1.0
+
+
+def test_multiclass_metrics_are_macro_averaged() -> None:
+    gen = torch.Generator().manual_seed(1)
+    labels = torch.arange(90) % 3
+    probs = torch.softmax(torch.randn(90, 3, generator=gen) + 2 * torch.nn.functional.one_hot(labels, 3), dim=1)
+    got = metrics.compute_metrics(labels, probs)
+    y, pred = labels.numpy(), probs.argmax(1).numpy()
+    assert got["f1"] == pytest.approx(skm.f1_score(y, pred, average="macro"), abs=1e-6)
+    assert got["auroc"] == pytest.approx(skm.roc_auc_score(y, probs.numpy(), multi_class="ovr"), abs=1e-6)
+
+
+def test_ranking_metrics_are_nan_with_one_class() -> None:
+    labels = torch.ones(10, dtype=torch.long)
+    got = metrics.compute_metrics(labels, torch.tensor([[0.3, 0.7]]).repeat(10, 1))
+    assert math.isnan(got["auroc"]) and math.isnan(got["ap"]) and got["recall"] == 1.0
+
+
+def test_bootstrap_is_seeded_and_brackets_the_estimate() -> None:
+    labels, probs = random_predictions(200)
+    a = metrics.bootstrap_intervals(labels, probs, 0.5, 200, seed=3)
+    b = metrics.bootstrap_intervals(labels, probs, 0.5, 200, seed=3)
+    c = metrics.bootstrap_intervals(labels, probs, 0.5, 200, seed=4)
+    assert a == b and a != c
+    point = metrics.compute_metrics(labels, probs)
+    for name in metrics.EVAL_METRICS:
+        lo, hi = a[name]
+        assert lo <= hi
+        if name != "ece":  # ece is biased upwards under resampling
+            assert lo <= point[name] <= hi
+    small = metrics.bootstrap_intervals(labels[:40], probs[:40], 0.5, 200, seed=3)
+    assert small["auroc"][1] - small["auroc"][0] > a["auroc"][1] - a["auroc"][0]
+
+
+def test_evaluate_predictions_rows_metrics_and_table() -> None:
+    labels, probs = random_predictions(60)
+    results = metrics.evaluate_predictions(labels, {"a": probs, "fused": probs.flip(1)}, 0.5, n_bootstrap=0)
+    assert len(results) == 2 * len(metrics.EVAL_METRICS) and results["ci_low"].isna().all()
+    logged = metrics.mlflow_metrics(results, "eval/synthetic")
+    assert "eval/synthetic/fused/auroc" in logged and not any(k.endswith("_ci_low") for k in logged)
+    with_ci = metrics.evaluate_predictions(labels, {"fused": probs}, 0.5, n_bootstrap=50, seed=0)
+    logged = metrics.mlflow_metrics(with_ci, "test")
+    assert logged["test/fused/auroc_ci_low"] <= logged["test/fused/auroc"] <= logged["test/fused/auroc_ci_high"]
+    table = metrics.results_table(with_ci)
+    assert list(table["model"]) == ["fused"] and " [" in table.loc[0, "auroc"]
+    with pytest.raises(DataError):
+        metrics.evaluate_predictions(labels[:0], {"fused": probs[:0]})
+
+
+def test_predictions_frame_round_trip() -> None:
+    labels, probs = random_predictions(5)
+    frame = metrics.predictions_frame([f"img{i}" for i in range(5)], labels, {"fused": probs}, ["n", "p"])
+    assert list(frame.columns) == ["name", "label", "fused/n", "fused/p"]
+    np.testing.assert_allclose(metrics.probs_from_frame(frame), probs.numpy(), rtol=1e-6)
+    with pytest.raises(DataError):
+        metrics.probs_from_frame(frame, "resnet18")
+
+
+def test_checkpoint_round_trip_keeps_fitted_fusion_and_threshold(tmp_path: Path) -> None:
+    model = tiny_model("stacking")
+    x = torch.randint(0, 255, (6, 1, 32, 32), dtype=torch.uint8)
+    branch_probs = model(x)["probs"].detach()
+    model.fusion.fit(branch_probs, torch.tensor([0, 1, 0, 1, 0, 1]))
+    expected = predict(model, x).by_model()
+    loaded = loading.load_classifier(save_checkpoint(model, tmp_path / "best.ckpt"))
+    got = predict(loaded, x).by_model()
+    assert bool(loaded.fusion.fitted) and loaded.hparams.threshold == 0.4
+    for key in ("small_cnn", "darknet", "fused"):
+        torch.testing.assert_close(got[key], expected[key])
+    with pytest.raises(ConfigError, match="ckpt_path"):
+        loading.load_classifier(tmp_path / "missing.ckpt")
+    with pytest.raises(ConfigError, match="exactly one"):
+        loading.resolve_classifier(None, None, None)
+
+
+def test_evaluate_model_on_a_data_config_uses_the_trained_size() -> None:
+    model = tiny_model("average", size=32)
+    data = {
+        "name": "synthetic",
+        "image_size": 64,
+        "n_train": 8,
+        "n_val": 8,
+        "n_test": 20,
+        "augment": {"enabled": False},
+    }
+    results, preds = evaluate_model(model, data, n_bootstrap=20)
+    assert len(preds) == 20 and set(results["model"]) == {"small_cnn", "darknet", "fused"}
+    with pytest.raises(DataError, match="classes"):
+        evaluate_model(model, {**data, "num_classes": 3}, n_bootstrap=0)
+    with pytest.raises(ConfigError, match="split"):
+        evaluate_model(model, data, split="holdout")
+
+
+def test_predict_files_reports_unreadable_inputs(tmp_path: Path) -> None:
+    model = tiny_model("average")
+    good = [write_image(tmp_path / "in" / f"{i}.png", i % 2, size=50, mode="RGB", seed=i) for i in range(3)]
+    (tmp_path / "in" / "broken.png").write_bytes(b"not an image")
+    paths = prediction.expand_inputs(str(tmp_path / "in"))
+    assert len(paths) == 4
+    frame = prediction.predict_files(model, [*paths, str(tmp_path / "gone.png")])
+    assert list(frame.columns) == prediction.output_columns(model)
+    ok = frame[frame["error"].isna()]
+    assert len(ok) == 3 and set(ok["predicted_class"]) <= {"normal", "pneumonia"}
+    np.testing.assert_allclose(ok["fused_prob_normal"] + ok["fused_prob_pneumonia"], 1.0, rtol=1e-5)
+    errors = frame.set_index("path")["error"]
+    assert "cannot decode" in errors[str(tmp_path / "in" / "broken.png")]
+    assert errors[str(tmp_path / "gone.png")] == "file not found"
+    assert prediction.expand_inputs(str(tmp_path / "in" / "*.png")) == paths
+    assert prediction.expand_inputs(str(good[0])) == [str(good[0])]
+    with pytest.raises(ConfigError, match="matched no image"):
+        prediction.expand_inputs(str(tmp_path / "in" / "*.jpeg"))
+    assert isinstance(frame, pd.DataFrame)
+
+
+def test_each_branch_keeps_its_own_validation_threshold_through_the_checkpoint(tmp_path: Path) -> None:
+    model = tiny_model("average")
+    model.hparams.branch_thresholds = {"small_cnn": 0.3, "darknet": 0.7}
+    loaded = loading.load_classifier(save_checkpoint(model, tmp_path / "best.ckpt"))
+    assert loading.trained_thresholds(loaded) == {"small_cnn": 0.3, "darknet": 0.7, "fused": 0.4}
+    assert loading.trained_thresholds(loaded, 0.5) == {"small_cnn": 0.5, "darknet": 0.5, "fused": 0.5}
+    # checkpoints written before per-branch thresholds were saved fall back to the fused threshold
+    assert loading.trained_thresholds(tiny_model("average")) == {"small_cnn": 0.4, "darknet": 0.4, "fused": 0.4}

@@ -1,0 +1,70 @@
+import pytest
+import timm
+import torch
+
+from xrayfusion.core.errors import ConfigError
+from xrayfusion.models import FusionClassifier
+from xrayfusion.models.backbones import check_backbone_name, check_input_size, create_backbone
+from xrayfusion.models.module import branch_keys
+
+
+@pytest.mark.parametrize(("name", "size"), [("small_cnn", 28), ("darknet", 32)])
+def test_project_cnns_live_in_timms_registry(name: str, size: int) -> None:
+    model = timm.create_model(name, num_classes=0, in_chans=1)
+    assert model(torch.zeros(2, 1, size, size)).shape == (2, model.num_features)
+    assert model.forward_features(torch.zeros(2, 1, size, size)).ndim == 4
+    head = timm.create_model(name, num_classes=3, in_chans=1)
+    assert head(torch.zeros(2, 1, size, size)).shape == (2, 3)
+
+
+def test_unknown_backbone_names_close_matches() -> None:
+    with pytest.raises(ConfigError, match="resnet18"):
+        check_backbone_name("resnet81")
+    check_backbone_name("resnet18.a1_in1k")
+
+
+def test_too_small_image_names_backbone_and_a_working_size() -> None:
+    backbone = create_backbone("densenet121")
+    with pytest.raises(ConfigError) as err:
+        check_input_size("densenet121", backbone, 1, 28)
+    assert "densenet121" in str(err.value) and "data.image_size=32" in str(err.value)
+    check_input_size("densenet121", backbone, 1, 32)
+
+
+def test_branch_keys_are_unique_and_safe() -> None:
+    assert branch_keys(["resnet18", "resnet18", "resnet18.a1_in1k", "fused"]) == [
+        "resnet18",
+        "resnet18_2",
+        "resnet18_a1_in1k",
+        "fused_2",
+    ]
+
+
+@pytest.mark.parametrize("fusion", ["concat", "average", "voting", "stacking"])
+def test_module_forward_and_loss(fusion: str) -> None:
+    model = FusionClassifier(
+        ["small_cnn", "darknet"], 3, {"name": fusion}, image_size=32, optimizer=lambda p: torch.optim.SGD(p, lr=0.1)
+    )
+    x = torch.randint(0, 255, (4, 1, 32, 32), dtype=torch.uint8)
+    y = torch.tensor([0, 1, 2, 1])
+    out = model(x)
+    assert out["probs"].shape == (4, 2, 3) and out["fused_probs"].shape == (4, 3)
+    assert torch.allclose(out["fused_probs"].sum(1), torch.ones(4), atol=1e-5)
+    assert (out["fused_logits"] is not None) == (fusion == "concat")
+    loss = model._loss(out, y)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None for p in model.backbones.parameters() if p.requires_grad)
+
+
+def test_three_channel_backbone_takes_grey_input() -> None:
+    model = FusionClassifier(["small_cnn"], 2, {"name": "average"}, in_chans=3, image_size=32)
+    assert model(torch.zeros(2, 1, 32, 32, dtype=torch.uint8))["fused_probs"].shape == (2, 2)
+
+
+def test_branch_heads_take_the_width_forward_returns() -> None:
+    # timm's VGG returns its 4096-wide pre-logits features, wider than its num_features (512)
+    model = FusionClassifier(["vgg11", "small_cnn"], 2, {"name": "concat"}, image_size=32)
+    out = model(torch.randint(0, 255, (2, 1, 32, 32), dtype=torch.uint8))
+    assert model.heads["vgg11"].in_features == 4096
+    assert out["probs"].shape == (2, 2, 2) and out["fused_logits"].shape == (2, 2)

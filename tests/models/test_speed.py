@@ -1,0 +1,200 @@
+"""Speed switches: workers, threads, compile flag, and no host syncs in the training step."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch.profiler import ProfilerActivity, profile
+from torch.utils.data import DataLoader
+from torchmetrics.classification import BinaryAccuracy
+
+from xrayfusion.core.errors import ConfigError
+from xrayfusion.core.runtime import configure_torch, resolve_workers
+from xrayfusion.models import FusionClassifier
+from xrayfusion.models.metrics import train_accuracy
+
+
+def test_resolve_workers() -> None:
+    assert resolve_workers(3) == 3
+    assert resolve_workers("2") == 2
+    assert resolve_workers("auto") >= 0
+    with pytest.raises(ConfigError, match="num_workers=-1"):
+        resolve_workers(-1)
+    with pytest.raises(ConfigError, match="'many'"):
+        resolve_workers("many")
+
+
+def test_configure_torch_sets_and_rejects() -> None:
+    before = torch.get_num_threads()
+    try:
+        assert configure_torch(threads=1)["threads"] == 1
+        with pytest.raises(ConfigError, match="runtime.threads=0"):
+            configure_torch(threads=0)
+        with pytest.raises(ConfigError, match="fastest"):
+            configure_torch(matmul_precision="fastest")
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_train_accuracy_matches_torchmetrics() -> None:
+    probs1 = torch.rand(50)
+    probs = torch.stack([1 - probs1, probs1], dim=1)
+    target = torch.randint(0, 2, (50,))
+    ours, ref = train_accuracy(2, threshold=0.3), BinaryAccuracy(threshold=0.3)
+    ours.update(probs[:20], target[:20])
+    ours.update(probs[20:], target[20:])
+    ref.update(probs1, target)
+    assert torch.isclose(ours.compute(), ref.compute())
+
+
+def _model(branches: tuple[str, ...] = ("small_cnn", "resnet18"), **kw) -> FusionClassifier:
+    # SGD: AdamW on CPU reads its step counters with .item() (host tensors, not device syncs)
+    return FusionClassifier(
+        list(branches),
+        num_classes=2,
+        fusion={"name": "average"},
+        image_size=32,
+        optimizer=functools.partial(torch.optim.SGD, lr=1e-2),
+        **kw,
+    )
+
+
+def test_compile_keeps_checkpoint_keys() -> None:
+    assert list(_model(compile=True).state_dict()) == list(_model().state_dict())
+
+
+def _host_syncs(steps: int) -> int:
+    """Count tensor-to-host reads (`.item()` and friends) during a fit of `steps` training steps."""
+    pl.seed_everything(0)
+    x = torch.randint(0, 255, (8 * steps, 1, 32, 32), dtype=torch.uint8)
+    y = torch.arange(8 * steps) % 2
+    loader = DataLoader(list(zip(x, y, strict=True)), batch_size=8)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=True,
+        enable_model_summary=False,
+    )
+    model = _model(("small_cnn",))
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        trainer.fit(model, train_dataloaders=loader)
+    return sum(e.count for e in prof.key_averages() if e.key == "aten::_local_scalar_dense")
+
+
+def test_training_step_has_no_per_step_host_sync() -> None:
+    assert _host_syncs(2) == _host_syncs(6)
+
+
+def _capture_dtypes(model: FusionClassifier) -> dict[str, torch.dtype]:
+    """The dtype of each branch's first conv output during one forward."""
+    seen: dict[str, torch.dtype] = {}
+    for key, backbone in model.backbones.items():
+        conv = next(m for m in backbone.modules() if isinstance(m, torch.nn.Conv2d))
+        conv.register_forward_hook(
+            lambda _m, _i, out, key=key: seen.update({key: out.dtype}) if key not in seen else None
+        )
+    model(torch.randint(0, 255, (2, 1, 32, 32), dtype=torch.uint8))
+    return seen
+
+
+def test_bf16_branches_autocast_only_the_named_branches() -> None:
+    model = _model(bf16_branches=["small_cnn"])
+    assert _capture_dtypes(model) == {"small_cnn": torch.bfloat16, "resnet18": torch.float32}
+    out = model(torch.randint(0, 255, (2, 1, 32, 32), dtype=torch.uint8))
+    assert out["probs"].dtype == torch.float32 and out["fused_probs"].dtype == torch.float32
+    assert set(_capture_dtypes(_model(bf16_branches="all")).values()) == {torch.bfloat16}
+    assert set(_capture_dtypes(_model()).values()) == {torch.float32}
+
+
+def test_bf16_branch_keeps_an_outer_autocast() -> None:
+    # under trainer.precision=bf16-mixed every branch stays bf16, listed or not
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert set(_capture_dtypes(_model(bf16_branches=["small_cnn"])).values()) == {torch.bfloat16}
+
+
+def test_bf16_branch_trains_and_its_checkpoint_keeps_the_setting(tmp_path) -> None:
+    model = _model(bf16_branches=["resnet18"])
+    x = torch.randint(0, 255, (4, 1, 32, 32), dtype=torch.uint8)
+    loss = model._loss(model(x), torch.tensor([0, 1, 0, 1]))
+    loss.backward()
+    grads = [p.grad for p in model.backbones["resnet18"].parameters()]
+    assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, max_epochs=0)
+    trainer.strategy.connect(model)
+    trainer.save_checkpoint(tmp_path / "m.ckpt")
+    loaded = FusionClassifier.load_from_checkpoint(tmp_path / "m.ckpt")
+    assert loaded.bf16_keys == {"resnet18"}
+
+
+def test_bf16_branches_rejects_unknown_names() -> None:
+    with pytest.raises(ValueError, match=r"bf16_branches names \['vgg16'\].*model.branches"):
+        _model(bf16_branches=["vgg16"])
+    with pytest.raises(ValueError, match="'some'.*list of branch names, 'all' or 'auto'"):
+        _model(bf16_branches="some")
+
+
+def test_config_validation_names_a_bad_bf16_branch() -> None:
+    from hydra import compose, initialize_config_dir
+
+    from tests.conftest import REPO
+    from xrayfusion.training.config import validate
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=["model.branches=[resnet18]", "model.bf16_branches=[small_cnn]"])
+    with pytest.raises(ConfigError, match=r"bf16_branches names \['small_cnn'\]"):
+        validate(cfg)
+
+
+def test_slow_cpu_bf16_warning(monkeypatch, caplog) -> None:
+    from xrayfusion.core import runtime
+
+    monkeypatch.setattr(runtime, "cpu_bf16_support", lambda: "none")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert runtime.warn_slow_cpu_bf16("auto") and "emulated" in caplog.text
+    assert not runtime.warn_slow_cpu_bf16("gpu")
+    monkeypatch.setattr(runtime, "cpu_bf16_support", lambda: "amx")
+    assert not runtime.warn_slow_cpu_bf16("cpu")
+
+
+def test_choose_bf16_branches_keeps_only_clear_gains() -> None:
+    from xrayfusion.models.precision import BranchTiming, choose_bf16_branches
+
+    timings = [BranchTiming("a", 1.0, 0.5), BranchTiming("b", 1.0, 0.95), BranchTiming("c", 1.0, 1.4)]
+    assert choose_bf16_branches(timings) == ["a"]  # b gains 5%: inside the noise margin
+    assert choose_bf16_branches(timings, min_speedup=1.0) == ["a", "b"]
+
+
+def test_autotune_times_copies_and_sets_the_choice(monkeypatch) -> None:
+    from xrayfusion.models import precision
+
+    model = _model(bf16_branches="auto")
+    assert model.bf16_keys == frozenset()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    monkeypatch.setattr(precision, "cpu_bf16_support", lambda: "amx")
+    chosen, timings = precision.autotune_bf16(model, batch_size=4, image_size=32, min_speedup=0.0)
+    assert [t.branch for t in timings] == ["small_cnn", "resnet18"]
+    assert all(t.fp32_s > 0 and t.bf16_s > 0 for t in timings)
+    assert chosen == ["small_cnn", "resnet18"] and model.bf16_keys == {"small_cnn", "resnet18"}
+    assert model.hparams.bf16_branches == chosen  # what a checkpoint saves
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # BN statistics untouched: timing used copies
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_autotune_without_bf16_hardware_or_on_gpu_skips_timing(monkeypatch) -> None:
+    from xrayfusion.models import precision
+
+    monkeypatch.setattr(precision, "time_branches", lambda *a, **k: pytest.fail("timed without need"))
+    monkeypatch.setattr(precision, "cpu_bf16_support", lambda: "none")
+    model = _model(bf16_branches="auto")
+    assert precision.autotune_bf16(model, 4, 32) == ([], [])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert precision.autotune_bf16(model, 4, 32, on_gpu=True)[0] == ["small_cnn", "resnet18"]
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert precision.autotune_bf16(model, 4, 32, on_gpu=True)[0] == []  # V100/T4: bf16 only emulated

@@ -1,0 +1,63 @@
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from xrayfusion.core.errors import ConfigError
+from xrayfusion.training import config as config_checks
+
+CONF = str(Path(__file__).resolve().parents[2] / "conf")
+
+
+def compose_train(*overrides: str):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose("train", overrides=list(overrides))
+
+
+@pytest.mark.parametrize("fusion", ["concat", "average", "voting", "stacking"])
+@pytest.mark.parametrize("data", ["synthetic", "kermany", "medmnist"])
+def test_groups_compose(fusion: str, data: str) -> None:
+    cfg = compose_train(f"fusion={fusion}", f"data={data}")
+    assert cfg.fusion.name == fusion and cfg.data.name == data
+
+
+def test_experiment_kermany_cpu() -> None:
+    cfg = compose_train("experiment=kermany_cpu")
+    assert cfg.data.name == "kermany" and list(cfg.model.branches) == ["efficientnet_lite0", "small_cnn"]
+    assert cfg.model.pretrained and cfg.fusion.weights == "learned" and cfg.metrics.threshold == "youden"
+    assert cfg.data.image_size == 128 and cfg.trainer.max_epochs == 10 and cfg.model.bf16_branches == "auto"
+    assert cfg.data.augment.brightness == 0.3 and cfg.data.augment.degrees == 15.0
+    assert cfg.data.augment.hflip == 0.5  # the group default survives the experiment's partial augment block
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        (["model.branches=[resnet18,not_a_net]"], "not_a_net"),
+        (["fusion=stacking", "model=single"], "at least 2 branches"),
+        (["fusion=voting", "model=single"], "at least 2 branches"),
+        (["optimizer.lr=0"], "optimizer.lr"),
+        (["optimizer.lr=-1e-3"], "optimizer.lr"),
+        (["data.batch_size=0"], "data.batch_size"),
+        (["data.name=kermani"], "did you mean kermany"),
+    ],
+)
+def test_invalid_configs_fail_before_training(overrides: list[str], needle: str) -> None:
+    with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
+        config_checks.validate(compose_train(*overrides))
+
+
+def test_validation_builds_no_backbone(monkeypatch) -> None:
+    """Names and values are checked without building a backbone; the model checks its input size once."""
+    import timm
+
+    from xrayfusion.models import FusionClassifier
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("validate built a backbone")
+
+    monkeypatch.setattr(timm, "create_model", refuse)
+    config_checks.validate(compose_train("model=single", "model.branches=[densenet121]", "data.image_size=28"))
+    monkeypatch.undo()
+    with pytest.raises(ConfigError, match="densenet121.*data.image_size="):
+        FusionClassifier(["densenet121"], 2, {"name": "average"}, image_size=28)

@@ -1,0 +1,1 @@
+"""Shared helpers every layer may use: errors, names, the decision rule, runtime, eval mode, the entry wrapper."""

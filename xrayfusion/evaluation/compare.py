@@ -1,0 +1,185 @@
+"""Compare MLflow runs: one table row per run (and per branch), ROC curves and a metrics bar chart. Read-only."""
+
+from __future__ import annotations
+
+import logging
+import math
+import tempfile
+from collections.abc import Mapping, Sequence
+
+import mlflow
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from mlflow.entities import Run
+
+from xrayfusion.core.errors import ConfigError, DataError
+from xrayfusion.core.names import FUSED
+from xrayfusion.evaluation.metrics import probs_from_frame
+from xrayfusion.evaluation.plots import plt, roc_points
+
+log = logging.getLogger(__name__)
+
+DEFAULT_METRICS = ("acc", "precision", "recall", "specificity", "f1", "auroc")
+INFO_COLUMNS = ("run_name", "run_id", "model", "fusion", "branches", "data")
+
+
+def build_filter(tags: Mapping[str, str] | None, filter_string: str | None) -> str:
+    """An MLflow filter string: tag equalities ANDed with the user's filter."""
+    parts = [f"tags.`{k}` = '{v}'" for k, v in (tags or {}).items() if v is not None]
+    if filter_string:
+        parts.append(f"({filter_string})" if " or " in filter_string.lower() else filter_string)
+    return " and ".join(parts)
+
+
+def search_runs(
+    tracking_uri: str,
+    experiments: str | Sequence[str],
+    tags: Mapping[str, str] | None = None,
+    filter_string: str | None = None,
+    max_runs: int = 100,
+) -> list[Run]:
+    """Runs of the named experiments that match the tags and filter string."""
+    client = mlflow.MlflowClient(tracking_uri)
+    names = [experiments] if isinstance(experiments, str) else list(experiments)
+    ids = []
+    for name in names:
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            known = [e.name for e in client.search_experiments()]
+            raise ConfigError(f"experiment={name!r} is not in {tracking_uri}; known experiments: {known}")
+        ids.append(exp.experiment_id)
+    try:
+        return list(client.search_runs(ids, build_filter(tags, filter_string), max_results=max_runs))
+    except mlflow.exceptions.MlflowException as err:
+        raise ConfigError(
+            f"filter={filter_string!r} is not a valid MLflow filter string ({err.message}); "
+            'e.g. filter="metrics.`test/fused/auroc` > 0.8"'
+        ) from err
+
+
+def run_models(run: Run, prefix: str) -> list[str]:
+    """Model names (fused first, then branches) with metrics under `<prefix>/<model>/...`."""
+    found: list[str] = []
+    for key in run.data.metrics:
+        if key.startswith(prefix + "/"):
+            parts = key[len(prefix) + 1 :].split("/")
+            if len(parts) == 2 and parts[0] not in found:
+                found.append(parts[0])
+    branches = [k for k in run.data.tags.get("branches", "").split(",") if k in found]
+    rest = sorted(m for m in found if m not in branches and m != FUSED)
+    return ([FUSED] if FUSED in found else []) + branches + rest
+
+
+def comparison_frame(
+    runs: Sequence[Run],
+    prefix: str = "test",
+    metrics: Sequence[str] = DEFAULT_METRICS,
+    branches: bool = False,
+    sort_by: str = "auroc",
+    ascending: bool = False,
+) -> pd.DataFrame:
+    """One row per run (its fused model) and, with `branches`, per branch; runs sorted by the fused `sort_by`."""
+    rows = []
+    for order, run in enumerate(runs):
+        models = run_models(run, prefix)
+        models = models if branches else [m for m in models if m == FUSED]
+        for model in models or [FUSED]:
+            row = {
+                "run_name": run.info.run_name,
+                "run_id": run.info.run_id,
+                "model": model,
+                "fusion": run.data.tags.get("fusion", ""),
+                "branches": run.data.tags.get("branches", ""),
+                "data": run.data.tags.get("data", ""),
+                "_run": order,
+                "_fused": model != FUSED,
+            }
+            for metric in metrics:
+                for suffix in ("", "_ci_low", "_ci_high"):
+                    row[f"{metric}{suffix}"] = run.data.metrics.get(f"{prefix}/{model}/{metric}{suffix}", math.nan)
+            rows.append(row)
+    frame = pd.DataFrame(rows)
+    if frame.empty:
+        return frame
+    if sort_by not in metrics:
+        raise ConfigError(f"sort_by={sort_by} is not one of the compared metrics {list(metrics)}")
+    key = frame[frame["model"] == FUSED].set_index("_run")[sort_by]
+    frame["_key"] = frame["_run"].map(key)
+    frame = frame.sort_values(["_key", "_run", "_fused"], ascending=[ascending, True, True], na_position="last")
+    return frame.drop(columns=["_run", "_fused", "_key"]).reset_index(drop=True)
+
+
+def markdown_table(frame: pd.DataFrame, metrics: Sequence[str] = DEFAULT_METRICS, digits: int = 3) -> str:
+    """Markdown with `value [low, high]` cells (intervals where the run has them)."""
+
+    def cell(row: pd.Series, metric: str) -> str:
+        value, lo, hi = row[metric], row[f"{metric}_ci_low"], row[f"{metric}_ci_high"]
+        if not math.isfinite(value):
+            return "n/a"
+        text = f"{value:.{digits}f}"
+        return text + (f" [{lo:.{digits}f}, {hi:.{digits}f}]" if math.isfinite(lo) and math.isfinite(hi) else "")
+
+    table = frame[["run_name", "model", "fusion", "branches", "data"]].copy()
+    table.insert(1, "run_id", frame["run_id"].str[:8])
+    for metric in metrics:
+        table[metric] = [cell(row, metric) for _, row in frame.iterrows()]
+    return table.to_markdown(index=False)
+
+
+def predictions_artifact(prefix: str) -> str:
+    """Where a run keeps the per-image predictions behind `<prefix>` metrics."""
+    return "test_predictions.csv" if prefix == "test" else f"{prefix}/predictions.csv"
+
+
+def load_predictions(tracking_uri: str, run_id: str, prefix: str) -> pd.DataFrame | None:
+    """The run's predictions CSV, or None when it has none."""
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = mlflow.artifacts.download_artifacts(
+                run_id=run_id, artifact_path=predictions_artifact(prefix), dst_path=tmp, tracking_uri=tracking_uri
+            )
+        except (mlflow.exceptions.MlflowException, OSError):
+            return None
+        return pd.read_csv(path)
+
+
+def roc_figure(curves: Mapping[str, pd.DataFrame]) -> Figure:
+    """Fused ROC curve of each run on one plot (micro-averaged for more than two classes)."""
+    from sklearn.metrics import auc
+
+    fig, ax = plt.subplots(figsize=(6, 5))
+    for label, frame in curves.items():
+        labels = frame["label"].to_numpy(dtype=int)
+        if len(np.unique(labels)) < 2:
+            continue
+        fpr, tpr = roc_points(labels, probs_from_frame(frame, FUSED))
+        ax.plot(fpr, tpr, lw=1.6, label=f"{label} (AUC {auc(fpr, tpr):.3f})")
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+    ax.set(xlabel="False positive rate", ylabel="True positive rate", title="ROC of compared runs (fused)")
+    ax.legend(loc="lower right", fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def bar_figure(frame: pd.DataFrame, metrics: Sequence[str] = DEFAULT_METRICS) -> Figure:
+    """Grouped bars: one group per metric, one bar per table row, 95% intervals as error bars where present."""
+    if frame.empty:
+        raise DataError("no runs to plot")
+    labels = [
+        f"{r.run_name} ({r.run_id[:6]})" + ("" if r.model == FUSED else f" {r.model}") for r in frame.itertuples()
+    ]
+    x = np.arange(len(metrics))
+    width = 0.8 / len(frame)
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(metrics) + 0.3 * len(frame)), 4.5))
+    for i, (label, (_, row)) in enumerate(zip(labels, frame.iterrows(), strict=True)):
+        values = np.array([row[m] for m in metrics], dtype=float)
+        lo = np.array([row[f"{m}_ci_low"] for m in metrics], dtype=float)
+        hi = np.array([row[f"{m}_ci_high"] for m in metrics], dtype=float)
+        err = np.vstack([np.nan_to_num(values - lo), np.nan_to_num(hi - values)]).clip(min=0)
+        ax.bar(x + (i - (len(frame) - 1) / 2) * width, np.nan_to_num(values), width, yerr=err, capsize=2, label=label)
+    ax.set_xticks(x, list(metrics))
+    ax.set(ylim=(0, 1.05), ylabel="value", title="Metrics of compared runs (bars: 95% bootstrap interval)")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2)
+    fig.tight_layout()
+    return fig

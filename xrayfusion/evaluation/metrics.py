@@ -1,0 +1,164 @@
+"""Scores of branch and fused probabilities: metrics, bootstrap intervals, tables, the predictions CSV layout."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from torchmetrics.functional import classification as tmf
+
+from xrayfusion.core.errors import DataError
+from xrayfusion.core.names import FUSED, METRIC_NAMES, RANKING_METRICS
+
+EVAL_METRICS = METRIC_NAMES
+
+
+def predictions_frame(
+    names: Sequence[str],
+    labels: torch.Tensor | None,
+    probs_by_model: Mapping[str, torch.Tensor],
+    class_names: Sequence[str],
+) -> pd.DataFrame:
+    """One row per image: name, label, `<model>/<class>` probabilities (the test_predictions.csv layout)."""
+    frame = pd.DataFrame({"name": list(names)})
+    if labels is not None:
+        frame["label"] = labels.numpy().astype(int)
+    for model_name, probs in probs_by_model.items():
+        for j, cls in enumerate(class_names):
+            frame[f"{model_name}/{cls}"] = probs[:, j].numpy()
+    return frame
+
+
+def probs_from_frame(frame: pd.DataFrame, model_name: str = FUSED) -> np.ndarray:
+    """The (N, C) probabilities of `model_name` from a predictions_frame."""
+    cols = [c for c in frame.columns if c.startswith(f"{model_name}/")]
+    if not cols:
+        raise DataError(f"predictions have no '{model_name}/<class>' columns; found {list(frame.columns)}")
+    return frame[cols].to_numpy(dtype=float)
+
+
+# ---- metrics -------------------------------------------------------------------------------------------
+def _binary_fns(threshold: float) -> dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
+    kw = {"threshold": threshold, "validate_args": False}
+    return {
+        "acc": lambda p, y: tmf.binary_accuracy(p, y, **kw),
+        "precision": lambda p, y: tmf.binary_precision(p, y, **kw),
+        "recall": lambda p, y: tmf.binary_recall(p, y, **kw),
+        "specificity": lambda p, y: tmf.binary_specificity(p, y, **kw),
+        "f1": lambda p, y: tmf.binary_f1_score(p, y, **kw),
+        "auroc": lambda p, y: tmf.binary_auroc(p, y, validate_args=False),
+        "ap": lambda p, y: tmf.binary_average_precision(p, y, validate_args=False),
+        "ece": lambda p, y: tmf.binary_calibration_error(p, y, validate_args=False),
+    }
+
+
+def _multiclass_fns(num_classes: int) -> dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
+    kw = {"num_classes": num_classes, "average": "macro", "validate_args": False}
+    return {
+        "acc": lambda p, y: tmf.multiclass_accuracy(p, y, **kw),
+        "precision": lambda p, y: tmf.multiclass_precision(p, y, **kw),
+        "recall": lambda p, y: tmf.multiclass_recall(p, y, **kw),
+        "specificity": lambda p, y: tmf.multiclass_specificity(p, y, **kw),
+        "f1": lambda p, y: tmf.multiclass_f1_score(p, y, **kw),
+        "auroc": lambda p, y: tmf.multiclass_auroc(p, y, **kw),
+        "ap": lambda p, y: tmf.multiclass_average_precision(p, y, **kw),
+        "ece": lambda p, y: tmf.multiclass_calibration_error(p, y, num_classes=num_classes, validate_args=False),
+    }
+
+
+def compute_metrics(labels: torch.Tensor, probs: torch.Tensor, threshold: float = 0.5) -> dict[str, float]:
+    """acc, precision, recall, specificity, f1, auroc, ap (average precision), ece; binary or macro multiclass.
+
+    auroc and ap are NaN when the labels hold one class only.
+    """
+    labels = labels.long()
+    num_classes = probs.shape[1]
+    if num_classes == 2:
+        fns, scores = _binary_fns(threshold), probs[:, 1].contiguous()
+    else:
+        fns, scores = _multiclass_fns(num_classes), probs
+    one_class = len(torch.unique(labels)) < 2
+    return {
+        name: (math.nan if one_class and name in RANKING_METRICS else float(fn(scores, labels)))
+        for name, fn in fns.items()
+    }
+
+
+def bootstrap_intervals(
+    labels: torch.Tensor, probs: torch.Tensor, threshold: float, n_resamples: int, seed: int, level: float = 0.95
+) -> dict[str, tuple[float, float]]:
+    """Percentile bootstrap interval of every metric over `n_resamples` seeded resamples of the images."""
+    rng = np.random.default_rng(seed)
+    n = len(labels)
+    draws: dict[str, list[float]] = {m: [] for m in EVAL_METRICS}
+    for _ in range(n_resamples):
+        idx = torch.from_numpy(rng.integers(0, n, size=n))
+        for name, value in compute_metrics(labels[idx], probs[idx], threshold).items():
+            draws[name].append(value)
+    alpha = (1.0 - level) / 2.0
+    intervals = {}
+    for name, values in draws.items():
+        arr = np.asarray(values, dtype=float)
+        arr = arr[~np.isnan(arr)]
+        intervals[name] = (
+            (float(np.quantile(arr, alpha)), float(np.quantile(arr, 1 - alpha))) if len(arr) else (math.nan, math.nan)
+        )
+    return intervals
+
+
+def evaluate_predictions(
+    labels: torch.Tensor,
+    probs_by_model: Mapping[str, torch.Tensor],
+    threshold: float | Mapping[str, float] = 0.5,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Rows (model, metric, value, ci_low, ci_high) for every model; intervals are NaN when n_bootstrap=0.
+
+    `threshold` is one value or one per model name (binary tasks).
+    """
+    if len(labels) == 0:
+        raise DataError("no labelled images to evaluate")
+    rows = []
+    for model_name, probs in probs_by_model.items():
+        threshold_of = threshold.get(model_name, 0.5) if isinstance(threshold, Mapping) else threshold
+        values = compute_metrics(labels, probs, threshold_of)
+        intervals = (
+            bootstrap_intervals(labels, probs, threshold_of, n_bootstrap, seed)
+            if n_bootstrap > 0
+            else dict.fromkeys(values, (math.nan, math.nan))
+        )
+        for metric, value in values.items():
+            lo, hi = intervals[metric]
+            rows.append({"model": model_name, "metric": metric, "value": value, "ci_low": lo, "ci_high": hi})
+    return pd.DataFrame(rows)
+
+
+def mlflow_metrics(results: pd.DataFrame, prefix: str) -> dict[str, float]:
+    """`<prefix>/<model>/<metric>` plus `..._ci_low` / `..._ci_high`, finite values only."""
+    out: dict[str, float] = {}
+    for row in results.itertuples():
+        for suffix, value in (("", row.value), ("_ci_low", row.ci_low), ("_ci_high", row.ci_high)):
+            if value is not None and math.isfinite(float(value)):
+                out[f"{prefix}/{row.model}/{row.metric}{suffix}"] = float(value)
+    return out
+
+
+def results_table(results: pd.DataFrame, digits: int = 3) -> pd.DataFrame:
+    """Wide table: one row per model, one `value [low, high]` cell per metric."""
+
+    def cell(row: pd.Series) -> str:
+        if not math.isfinite(row.value):
+            return "n/a"
+        text = f"{row.value:.{digits}f}"
+        if math.isfinite(row.ci_low):
+            text += f" [{row.ci_low:.{digits}f}, {row.ci_high:.{digits}f}]"
+        return text
+
+    cells = results.assign(cell=results.apply(cell, axis=1))
+    wide = cells.pivot(index="model", columns="metric", values="cell")
+    order = [m for m in results["model"].unique()]
+    return wide.loc[order, [m for m in EVAL_METRICS if m in wide.columns]].reset_index()

@@ -1,0 +1,100 @@
+"""The ensemble as an MLflow pyfunc model: image paths in, fused and per-branch probabilities out."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from importlib import metadata
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+from mlflow.models import ModelSignature
+from mlflow.pyfunc import PythonModel, PythonModelContext
+from mlflow.types import ColSpec, Schema
+
+import xrayfusion
+
+log = logging.getLogger(__name__)
+
+MODEL_NAME = "model"
+PATH_COLUMN = "path"
+REQUIREMENTS = (
+    "torch",
+    "torchvision",
+    "timm",
+    "pytorch-lightning",
+    "torchmetrics",
+    "scikit-learn",
+    "pillow",
+    "pandas",
+    "numpy",
+    "omegaconf",
+    "mlflow",
+)
+
+
+class EnsembleModel(PythonModel):
+    """pyfunc wrapper: a DataFrame with a `path` column of image files -> the xrayfusion.predict columns.
+
+    Each image is read as grey uint8 and resized to the trained size, as in training.
+    """
+
+    def load_context(self, context: PythonModelContext) -> None:
+        from xrayfusion.evaluation.loading import load_classifier
+
+        self.model = load_classifier(context.artifacts["checkpoint"])
+
+    def predict(self, context, model_input, params=None):  # no type hints: MLflow would treat them as a schema
+        from xrayfusion.evaluation.predict import predict_files
+
+        frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame({PATH_COLUMN: model_input})
+        column = PATH_COLUMN if PATH_COLUMN in frame.columns else frame.columns[0]
+        return predict_files(self.model, [str(p) for p in frame[column]])
+
+
+def pip_requirements() -> list[str]:
+    """The installed versions of what the model needs to load."""
+    reqs = []
+    for name in REQUIREMENTS:
+        try:
+            reqs.append(f"{name}=={metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            reqs.append(name)
+    return reqs
+
+
+@contextmanager
+def _active_run(tracking_uri: str, run_id: str):
+    """Make `run_id` the fluent API's active run on `tracking_uri`, restoring the previous URI after."""
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(tracking_uri)
+    try:
+        with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None) as run:
+            yield run
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
+def log_pyfunc_model(tracking_uri: str, run_id: str, ckpt_path: str | Path, register_as: str | None = None) -> str:
+    """Log the checkpoint as a pyfunc model at artifact path `model` of the run (optionally registered).
+
+    Returns the model URI `runs:/<run_id>/model`. The run keeps the status the caller gives it afterwards.
+    """
+    client = mlflow.MlflowClient(tracking_uri)
+    status = client.get_run(run_id).info.status
+    with _active_run(tracking_uri, run_id):
+        mlflow.pyfunc.log_model(
+            name=MODEL_NAME,
+            python_model=EnsembleModel(),
+            artifacts={"checkpoint": str(ckpt_path)},
+            code_paths=[str(Path(xrayfusion.__file__).parent)],
+            signature=ModelSignature(inputs=Schema([ColSpec("string", PATH_COLUMN)])),
+            pip_requirements=pip_requirements(),
+            registered_model_name=register_as or None,
+        )
+    if status == "RUNNING":  # end_run() finished it; the caller still logs to it
+        client.update_run(run_id, status="RUNNING")
+    uri = f"runs:/{run_id}/{MODEL_NAME}"
+    log.info("logged pyfunc model %s%s", uri, f" registered as {register_as}" if register_as else "")
+    return uri

@@ -1,0 +1,31 @@
+"""Checks of the fusion config that must fail before any data is read."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from xrayfusion.core.errors import ConfigError
+from xrayfusion.fusion import thresholds
+from xrayfusion.fusion.crossfit import parse_cv
+from xrayfusion.fusion.meta import check_meta
+from xrayfusion.fusion.strategies import check_fusion
+
+
+def validate_fusion(cfg: Mapping[str, Any], n_branches: int) -> None:
+    """fusion.name / cv / meta / calibrate and metrics.threshold: ConfigError naming the bad value and the fix."""
+    fusion = cfg["fusion"]
+    check_fusion(fusion.get("name"), n_branches)
+    cv = parse_cv(fusion.get("cv", "holdout"))
+    if fusion.get("name") == "stacking":
+        check_meta(str(fusion.get("meta", "logreg")))
+    learned = fusion.get("name") == "average" and fusion.get("weights") == "learned"
+    fitted = fusion.get("name") == "stacking" or learned
+    if cv is not None and not fitted:
+        raise ConfigError(
+            f"fusion.cv={fusion.get('cv')} only applies to fitted fusions; use fusion=stacking or "
+            "fusion=average fusion.weights=learned, or drop fusion.cv"
+        )
+    if not isinstance(fusion.get("calibrate", False), bool):
+        raise ConfigError(f"fusion.calibrate={fusion.get('calibrate')!r} must be true or false")
+    thresholds.parse_rule(cfg.get("metrics", {}).get("threshold", 0.5))

@@ -1,0 +1,31 @@
+"""MLflow helpers (store, runs, params, artifacts); may import xrayfusion.core only."""
+
+from xrayfusion.tracking.runs import (
+    ENV_URI,
+    ResumedMLFlowLogger,
+    create_logger,
+    ensure_experiment,
+    flatten,
+    is_local,
+    log_artifact,
+    log_params,
+    prepare_store,
+    resolve_tracking_uri,
+    set_status,
+    set_tags,
+)
+
+__all__ = [
+    "ENV_URI",
+    "ResumedMLFlowLogger",
+    "create_logger",
+    "ensure_experiment",
+    "flatten",
+    "is_local",
+    "log_artifact",
+    "log_params",
+    "prepare_store",
+    "resolve_tracking_uri",
+    "set_status",
+    "set_tags",
+]

@@ -1,0 +1,194 @@
+"""MLflow runs: tracking URI, store, experiment, the Lightning logger (new or resumed), params, artifacts, tags."""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from pytorch_lightning.loggers import MLFlowLogger
+from pytorch_lightning.utilities import rank_zero_only
+
+from xrayfusion.core.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+ENV_URI = "MLFLOW_TRACKING_URI"
+
+
+def resolve_tracking_uri(configured: str | None) -> str:
+    """MLFLOW_TRACKING_URI when set, else the configured URI (the local SQLite store by default)."""
+    uri = os.environ.get(ENV_URI) or configured
+    if not uri:
+        raise ConfigError("no MLflow tracking URI: set logger.tracking_uri or MLFLOW_TRACKING_URI")
+    return uri
+
+
+def is_local(uri: str) -> bool:
+    return uri.startswith(("sqlite:", "file:")) or "://" not in uri
+
+
+@contextmanager
+def _store_lock(uri: str) -> Iterator[None]:
+    """An exclusive file lock beside a local SQLite store (no-op for servers), so that concurrent trainings
+    do not race to create its tables or the experiment."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    db = Path(uri[len("sqlite:///") :].split("?", 1)[0])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def ensure_experiment(uri: str, name: str, artifact_location: str | None = None) -> str:
+    """The id of experiment `name`, created when missing; safe when several trainings start at once."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    with _store_lock(uri):
+        client = MlflowClient(uri)
+        found = client.get_experiment_by_name(name)
+        if found is not None and found.lifecycle_stage != "deleted":
+            return found.experiment_id
+        try:
+            return client.create_experiment(name, artifact_location=artifact_location)
+        except MlflowException:  # another process (on a server) created it first
+            found = client.get_experiment_by_name(name)
+            if found is None:
+                raise
+            return found.experiment_id
+
+
+def prepare_store(uri: str) -> None:
+    """Create the folder of a local SQLite store; fail at once when a tracking server does not answer."""
+    if uri.startswith("sqlite:///"):
+        Path(uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+    elif uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10) as resp:
+                resp.read()
+        except (urllib.error.URLError, OSError) as err:
+            raise ConfigError(
+                f"MLflow tracking server {uri} is unreachable ({err}); start it or fix {ENV_URI} / "
+                "logger.tracking_uri before training"
+            ) from err
+
+
+def create_logger(
+    cfg: Mapping[str, Any], run_name: str, tags: Mapping[str, str], run_id: str | None = None
+) -> MLFlowLogger:
+    """An MLFlowLogger on the resolved URI; artifacts of a local store go to `artifact_location`."""
+    uri = resolve_tracking_uri(cfg.get("tracking_uri"))
+    prepare_store(uri)
+    artifact_location = None
+    if is_local(uri) and cfg.get("artifact_location"):
+        artifact_location = Path(cfg["artifact_location"]).resolve().as_uri()
+    name = str(cfg.get("experiment_name", "xrayfusion"))
+    if run_id is None and rank_zero_only.rank == 0:
+        ensure_experiment(uri, name, artifact_location)
+    kind = MLFlowLogger if run_id is None else ResumedMLFlowLogger
+    return kind(
+        experiment_name=name,
+        run_name=run_name,
+        tracking_uri=uri,
+        tags=dict(tags),
+        artifact_location=artifact_location,
+        run_id=run_id,
+    )
+
+
+class ResumedMLFlowLogger(MLFlowLogger):
+    """Continues an existing run: metrics at steps it already holds and params it already has are not re-logged;
+    a param whose value changed (other than paths/ and resume_run_id) is a ConfigError."""
+
+    IGNORED_PARAMS = ("paths/", "resume_run_id")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._last_steps: dict[str, int] | None = None
+        self._params: dict[str, str] | None = None
+
+    def _load_history(self) -> None:
+        if self._params is not None:
+            return
+        run = self.experiment.get_run(self.run_id)
+        self._params = dict(run.data.params)
+        self._last_steps = {
+            key: max(m.step for m in self.experiment.get_metric_history(self.run_id, key)) for key in run.data.metrics
+        }
+
+    @rank_zero_only
+    def log_hyperparams(self, params: Any) -> None:
+        self._load_history()
+        new, changed = {}, []
+        for key, value in dict(params).items():
+            old = self._params.get(key)
+            if old is None:
+                new[key] = value
+            elif old != str(value)[:250] and not key.startswith(self.IGNORED_PARAMS):
+                changed.append(f"{key}={value} (the run has {old})")
+        if changed:
+            raise ConfigError(
+                f"resume_run_id={self.run_id} was trained with another config: {'; '.join(changed)}; "
+                "resume with the original overrides or start a new run"
+            )
+        if new:
+            super().log_hyperparams(new)
+
+    @rank_zero_only
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        self._load_history()
+        fresh = {k: v for k, v in metrics.items() if (step or 0) > self._last_steps.get(k, -1)}
+        if fresh:
+            super().log_metrics(fresh, step)
+
+
+def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mapping to {'a/b': value}; lists become their string form."""
+    flat: dict[str, Any] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{name}/"))
+        else:
+            flat[name] = value
+    return flat
+
+
+def log_params(logger: MLFlowLogger, params: Mapping[str, Any]) -> None:
+    """Log a nested mapping as flattened params."""
+    flat = {k: ("null" if v is None else str(v)) for k, v in flatten(params).items()}
+    logger.log_hyperparams(flat)
+
+
+@rank_zero_only
+def log_artifact(logger: MLFlowLogger, path: str | Path, artifact_path: str | None = None) -> None:
+    """Upload a file to the run (global rank 0 only)."""
+    logger.experiment.log_artifact(logger.run_id, str(path), artifact_path)
+
+
+@rank_zero_only
+def set_status(logger: MLFlowLogger, status: str) -> None:
+    """Mark the run RUNNING, FINISHED, FAILED or KILLED (global rank 0 only)."""
+    if status == "RUNNING":
+        logger.experiment.update_run(logger.run_id, status=status)
+    else:
+        logger.experiment.set_terminated(logger.run_id, status)
+
+
+@rank_zero_only
+def set_tags(logger: MLFlowLogger, tags: Mapping[str, Any]) -> None:
+    """Set run tags (global rank 0 only)."""
+    for key, value in tags.items():
+        logger.experiment.set_tag(logger.run_id, key, str(value)[:5000])

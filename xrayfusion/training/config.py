@@ -1,0 +1,64 @@
+"""Checks of a composed config that must fail before any data is read or any model is trained."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from xrayfusion.core.errors import ConfigError
+from xrayfusion.data.registry import check_source_name
+from xrayfusion.fusion.checks import validate_fusion
+from xrayfusion.models.backbones import check_backbone_name
+from xrayfusion.models.module import bf16_branch_indices
+from xrayfusion.models.pretrained import has_pretrained, resolve_weights
+
+
+def validate(cfg: Mapping[str, Any]) -> None:
+    """Raise ConfigError for the first invalid value, naming it and the fix.
+
+    Checks names and values only (no backbone is built here); whether each backbone takes the image size is
+    checked once, when the model is built.
+    """
+    branches = cfg["model"].get("branches")
+    if not branches or isinstance(branches, str):
+        raise ConfigError(f"model.branches={branches!r} must be a non-empty list, e.g. 'model.branches=[resnet18]'")
+    check_source_name(cfg["data"].get("name"))
+    validate_fusion(cfg, len(branches))
+    lr = cfg["optimizer"].get("lr")
+    if lr is None or float(lr) <= 0:
+        raise ConfigError(f"optimizer.lr={lr} must be a positive number, e.g. optimizer.lr=1e-3")
+    batch_size = cfg["data"].get("batch_size")
+    if batch_size is None or int(batch_size) <= 0:
+        raise ConfigError(f"data.batch_size={batch_size} must be a positive integer, e.g. data.batch_size=32")
+    epochs = cfg["trainer"].get("max_epochs")
+    if epochs is not None and int(epochs) <= 0 and int(epochs) != -1:
+        raise ConfigError(f"trainer.max_epochs={epochs} must be positive")
+    for name in branches:
+        check_backbone_name(str(name))
+    _check_transfer(cfg["model"], [str(b) for b in branches])
+    try:
+        bf16_branch_indices([str(b) for b in branches], cfg["model"].get("bf16_branches"))
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+
+
+def _check_transfer(model: Mapping[str, Any], branches: list[str]) -> None:
+    """Pretrained weights exist (offline: the files are in model.weights_dir); freezing options are valid."""
+    epochs = model.get("freeze_backbone_epochs") or 0
+    if int(epochs) < 0:
+        raise ConfigError(f"model.freeze_backbone_epochs={epochs} must be 0 or more")
+    layers = model.get("trainable_layers")
+    if layers is not None and int(layers) < 0:
+        raise ConfigError(f"model.trainable_layers={layers} must be null (all) or a number of top stages >= 0")
+    scale = model.get("backbone_lr_scale", 0.1)
+    if scale is None or float(scale) <= 0:
+        raise ConfigError(f"model.backbone_lr_scale={scale} must be a positive number, e.g. 0.1")
+    if not model.get("pretrained"):
+        return
+    if not any(has_pretrained(b) for b in branches):
+        raise ConfigError(
+            f"model.pretrained=true but no branch of {branches} has ImageNet weights (the project CNNs train "
+            "from scratch); add a timm branch or set model.pretrained=false"
+        )
+    for name in branches:
+        resolve_weights(name, model.get("weights_dir"))

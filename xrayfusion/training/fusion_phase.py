@@ -1,0 +1,122 @@
+"""The fusion-fit phase after training: calibrate branches, fit the fusion on held-out probabilities, pick thresholds.
+
+Everything here sees only predictions of images the branches did not train on: the validation split
+(`fusion.cv=holdout`) or out-of-fold predictions of the training split (`fusion.cv=K`). The test split is
+never used; the thresholds chosen on validation are applied unchanged on test.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from pytorch_lightning.loggers import MLFlowLogger
+
+from xrayfusion import tracking
+from xrayfusion.core.names import FUSED
+from xrayfusion.data import XRayDataModule
+from xrayfusion.evaluation.inference import Predictions, predict
+from xrayfusion.fusion import calibration, crossfit, thresholds
+from xrayfusion.models import FusionClassifier
+from xrayfusion.training.folds import fold_fit_predict
+
+log = logging.getLogger(__name__)
+
+
+def write_predictions(
+    path: Path,
+    probs: torch.Tensor,
+    labels: torch.Tensor,
+    folds: Sequence[Any],
+    names: Sequence[str],
+    groups: Sequence[str],
+    branch_keys: Sequence[str],
+    class_names: Sequence[str],
+) -> Path:
+    """One CSV row per image: name, patient, fold, label and each branch's probability of each class."""
+    columns = [f"{k}/{c}" for k in branch_keys for c in class_names]
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["name", "patient", "fold", "label", *columns])
+        flat = probs.reshape(len(probs), -1).tolist()
+        for i, row in enumerate(flat):
+            writer.writerow([names[i], groups[i], folds[i], int(labels[i]), *(f"{v:.6f}" for v in row)])
+    return path
+
+
+def _val(model: FusionClassifier, dm: XRayDataModule) -> Predictions:
+    return predict(model, dm.split("val"), dm.batch_size)
+
+
+def calibrate(model: FusionClassifier, dm: XRayDataModule, logger: MLFlowLogger) -> Predictions:
+    """Fit one temperature per branch on validation logits; log temperatures and validation ECE before/after."""
+    val = _val(model, dm)
+    temps = calibration.fit_temperatures(val.logits, val.labels)
+    metrics = {
+        f"calibration/{k}/val_ece_before": calibration.expected_calibration_error(val.probs[:, i], val.labels)
+        for i, k in enumerate(model.keys)
+    }
+    model.temperature.copy_(temps)
+    val = _val(model, dm)
+    for i, k in enumerate(model.keys):
+        metrics[f"calibration/{k}/val_ece_after"] = calibration.expected_calibration_error(val.probs[:, i], val.labels)
+    tracking.log_params(logger, calibration.temperature_params(model.keys, temps))
+    logger.log_metrics(metrics)
+    log.info("calibration: temperatures %s", {k: round(float(t), 3) for k, t in zip(model.keys, temps, strict=True)})
+    return val
+
+
+def fit_fusion(
+    cfg: DictConfig, model: FusionClassifier, dm: XRayDataModule, logger: MLFlowLogger, out_dir: Path
+) -> None:
+    """Calibrate (fusion.calibrate), fit the fusion (fusion.cv) and choose thresholds (metrics.threshold)."""
+    source = dm.prepare()
+    calibrate_on = bool(cfg.fusion.get("calibrate", False))
+    val = calibrate(model, dm, logger) if calibrate_on else None
+    if model.fusion.needs_fit:
+        n_splits = crossfit.parse_cv(cfg.fusion.get("cv", "holdout"))
+        if n_splits is None:
+            val = val or _val(model, dm)
+            held, probs, labels, folds = source.val, val.probs, val.labels, ["holdout"] * len(val.labels)
+        else:
+            started = time.perf_counter()
+            log.info("cross-fitting %s on %d folds of %d training images", cfg.fusion.name, n_splits, len(source.train))
+            # folds train with the final model's recipe and precisions (training.factory)
+            fit_predict = fold_fit_predict(cfg, dm, logger, out_dir, n_splits, calibrate_on, model.bf16_branch_names)
+            probs, fold_of = crossfit.cross_fit(
+                source.train.labels.tolist(), source.train.groups, n_splits, int(cfg.seed), fit_predict
+            )
+            held, labels, folds = source.train, source.train.labels, (fold_of + 1).tolist()
+            logger.log_metrics({"time/crossfit_seconds": time.perf_counter() - started})
+        params = model.fusion.fit(probs, labels, names=model.keys)
+        tracking.log_params(logger, {"fusion/fitted_on": "holdout" if n_splits is None else f"oof_cv{n_splits}"})
+        tracking.log_params(logger, params)
+        log.info("fusion fitted on %d held-out predictions: %s", len(labels), params)
+        path = write_predictions(
+            out_dir / "oof_predictions.csv", probs, labels, folds, held.names, held.groups, model.keys, dm.class_names
+        )
+        tracking.log_artifact(logger, path)
+        val = None  # the fused probabilities changed
+    choose_thresholds(cfg.metrics.threshold, model, val or _val(model, dm), logger)
+
+
+def choose_thresholds(rule: Any, model: FusionClassifier, val: Predictions, logger: MLFlowLogger) -> None:
+    """Per branch and fused, the threshold `rule` gives on validation; set on the test metrics and logged."""
+    if model.hparams.num_classes != 2:
+        if not isinstance(thresholds.parse_rule(rule), float):
+            log.warning("metrics.threshold=%s applies to two-class tasks only; using argmax", rule)
+        return
+    chosen = {k: thresholds.choose_threshold(rule, val.probs[:, i, 1], val.labels) for i, k in enumerate(model.keys)}
+    chosen[FUSED] = thresholds.choose_threshold(rule, val.fused[:, 1], val.labels)
+    for key, value in chosen.items():
+        thresholds.set_threshold(model.metrics["test"][key], value)
+    model.hparams.threshold = chosen[FUSED]
+    model.hparams.branch_thresholds = {k: chosen[k] for k in model.keys}  # saved in the checkpoint for evaluate
+    tracking.log_params(logger, {f"threshold/{k}": round(v, 6) for k, v in chosen.items()})
+    log.info("thresholds (metrics.threshold=%s, chosen on validation): %s", rule, chosen)

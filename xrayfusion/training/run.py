@@ -1,0 +1,211 @@
+"""The train task as named phases: start the run, fit, fit the fusion, test and report, finish.
+
+`run_status` marks the MLflow run FINISHED, or FAILED with the reason tag whatever fails after the run
+exists (building the trainer included).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.loggers import MLFlowLogger
+from pytorch_lightning.utilities import rank_zero_only
+
+from xrayfusion import tracking
+from xrayfusion.core import runtime
+from xrayfusion.core.names import FUSED, predict_labels
+from xrayfusion.data import SourceData, XRayDataModule
+from xrayfusion.data.skipped import write_skipped_csv
+from xrayfusion.evaluation import plots
+from xrayfusion.evaluation.pyfunc import log_pyfunc_model
+from xrayfusion.evaluation.report import log_test_report
+from xrayfusion.models import FusionClassifier, precision
+from xrayfusion.training import resume as resuming
+from xrayfusion.training import sweep
+from xrayfusion.training.config import validate
+from xrayfusion.training.factory import TrainerParts, bf16_param, build_model, build_trainer, restore_best, trainer_bf16
+from xrayfusion.training.fusion_phase import fit_fusion
+
+log = logging.getLogger(__name__)
+
+FINAL_CHECKPOINT = "best.ckpt"
+
+
+@dataclass
+class Run:
+    """What the phases share: the config, data, model, MLflow logger and where files go."""
+
+    cfg: DictConfig
+    dm: XRayDataModule
+    source: SourceData
+    model: FusionClassifier
+    logger: MLFlowLogger
+    out_dir: Path
+    ckpt_dir: Path
+    resume: resuming.Resume | None
+
+
+def run_name(cfg: DictConfig) -> str:
+    return cfg.logger.get("run_name") or f"{cfg.fusion.name}:{'+'.join(cfg.model.branches)}"
+
+
+@contextmanager
+def run_status(logger: MLFlowLogger) -> Iterator[None]:
+    """FINISHED when the block completes; FAILED with the `xrayfusion.failure_reason` tag when it raises."""
+    try:
+        yield
+    except BaseException as err:
+        tracking.set_tags(logger, {resuming.FAILURE_TAG: resuming.failure_reason(err)})
+        tracking.set_status(logger, "FAILED")
+        raise
+    tracking.set_status(logger, "FINISHED")
+
+
+def _log_figure(logger: MLFlowLogger, fig: Any, out_dir: Path, name: str) -> None:
+    if rank_zero_only.rank == 0:  # under DDP every process plots; one writes and logs
+        path = out_dir / name
+        fig.savefig(path, dpi=110)
+        tracking.log_artifact(logger, path, "plots")
+    plots.plt.close(fig)
+
+
+# ---- phases ------------------------------------------------------------------------------------------------
+def start_run(cfg: DictConfig) -> Run:
+    """Check the config, reach the store, read the data, build the model, open (or reopen) the MLflow run."""
+    validate(cfg)
+    uri = tracking.resolve_tracking_uri(cfg.logger.get("tracking_uri"))
+    tracking.prepare_store(uri)  # an unreachable tracking server fails here, before any data is read
+    resume = resuming.find_resume(uri, str(cfg.resume_run_id)) if cfg.get("resume_run_id") else None
+    out_dir = Path(cfg.paths.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pl.seed_everything(int(cfg.seed), workers=True)
+    runtime.configure_torch(**(OmegaConf.to_container(cfg.runtime) if cfg.get("runtime") else {}))
+    if cfg.model.get("bf16_branches") not in (None, [], precision.AUTO) or trainer_bf16(cfg):
+        runtime.warn_slow_cpu_bf16(str(cfg.trainer.get("accelerator", "auto")))
+
+    dm = XRayDataModule(OmegaConf.to_container(cfg.data, resolve=True))
+    source = dm.prepare()
+    resumed_bf16 = None
+    if resume and resume.checkpoint and cfg.model.get("bf16_branches") == precision.AUTO:
+        # the resumed run keeps the precisions its first part measured (no new timing, no param mismatch)
+        resumed_bf16 = resuming.checkpoint_hparams(resume.checkpoint).get("bf16_branches") or []
+    model = build_model(cfg, dm, bf16_branches=resumed_bf16)
+
+    tags = {"fusion": str(cfg.fusion.name), "branches": ",".join(cfg.model.branches), "data": str(cfg.data.name)}
+    tags.update(sweep.sweep_tags(cfg.logger.get("sweep_id"), cfg.logger.get("sweep_job")))
+    logger = tracking.create_logger(
+        cfg.logger, run_name(cfg), {**tags, **(cfg.logger.get("tags") or {})}, run_id=resume and resume.run_id
+    )
+    ckpt_dir = resume.checkpoint_dir if resume else (out_dir / "checkpoints").resolve()
+    tracking.set_tags(logger, {resuming.CHECKPOINT_DIR_TAG: ckpt_dir})
+    if resume:
+        tracking.set_status(logger, "RUNNING")
+    log.info("MLflow run %s (experiment %s)", logger.run_id, logger.experiment_id)
+    return Run(cfg, dm, source, model, logger, out_dir, ckpt_dir, resume)
+
+
+def log_inputs(run: Run) -> None:
+    """The resolved config, what the data turned out to hold, precisions and weight sources, skipped files."""
+    cfg, source, logger = run.cfg, run.source, run.logger
+    tracking.log_params(  # one call: what the data turned out to hold wins over the config's data/class_names
+        logger,
+        {
+            **OmegaConf.to_container(cfg, resolve=True),
+            "data/class_names": ",".join(source.class_names),
+            "data/num_classes": len(source.class_names),
+            **{f"data/n_{s}": len(getattr(source, s)) for s in ("train", "val", "test") if getattr(source, s)},
+            # the branches that run in bf16 autocast (model.bf16_branches=auto resolved by measurement)
+            "precision/bf16_branches": bf16_param(cfg, run.model),
+        },
+    )
+    tracking.log_params(logger, {f"weights/{k}": v or "none" for k, v in run.model.weights_sources.items()})
+    logger.log_metrics({"data/skipped": len(source.skipped)})
+    if source.skipped:
+        tracking.log_artifact(logger, write_skipped_csv(source.skipped, run.out_dir / "skipped_files.csv"))
+    config_path = run.out_dir / "config.yaml"
+    OmegaConf.save(cfg, config_path, resolve=True)
+    tracking.log_artifact(logger, config_path)
+
+
+def fit(run: Run, parts: TrainerParts) -> None:
+    """Train every branch together (resuming from the last checkpoint when asked), then restore the best epoch."""
+    started = time.perf_counter()
+    checkpoint = run.resume and run.resume.checkpoint
+    parts.trainer.fit(run.model, datamodule=run.dm, ckpt_path=checkpoint, weights_only=True)
+    run.logger.log_metrics({"time/fit_seconds": time.perf_counter() - started})
+    restore_best(run.model, parts.checkpoint)
+
+
+def save_model(run: Run, parts: TrainerParts) -> Path:
+    """The final checkpoint (best weights, fitted fusion, thresholds) as an artifact, and the pyfunc model."""
+    final_ckpt = run.out_dir / "checkpoints" / FINAL_CHECKPOINT
+    parts.trainer.save_checkpoint(final_ckpt, weights_only=True)
+    tracking.log_artifact(run.logger, final_ckpt, "checkpoints")
+    if run.cfg.tracking.log_model and rank_zero_only.rank == 0:
+        uri = tracking.resolve_tracking_uri(run.cfg.logger.get("tracking_uri"))
+        log_pyfunc_model(uri, run.logger.run_id, final_ckpt, run.cfg.tracking.get("register_as"))
+    return final_ckpt
+
+
+def test_and_report(run: Run, parts: TrainerParts) -> None:
+    """The test pass of the final model: metrics, plots, the predictions CSV, intervals and Grad-CAM."""
+    cfg, model, logger, out_dir = run.cfg, run.model, run.logger, run.out_dir
+    parts.trainer.test(model, datamodule=run.dm, verbose=False)
+    outs = model.test_outputs
+    probs_by_model = {k: outs["probs"][:, i] for i, k in enumerate(model.keys)}
+    probs_by_model[FUSED] = outs["fused_probs"]
+    predicted = predict_labels(outs["fused_probs"], float(model.hparams.threshold))
+    class_names = run.source.class_names
+    _log_figure(
+        logger,
+        plots.confusion_matrix_figure(outs["labels"], predicted, class_names),
+        out_dir,
+        "confusion_matrix_test.png",
+    )
+    _log_figure(logger, plots.roc_figure(outs["labels"], probs_by_model), out_dir, "roc_test.png")
+    if rank_zero_only.rank == 0:  # under DDP: rank zero's share of the test set
+        log_test_report(
+            logger,
+            model,
+            run.source.test,
+            outs,
+            out_dir,
+            int(cfg.metrics.bootstrap),
+            int(cfg.seed),
+            int(cfg.gradcam.n_images),
+        )
+    summary = {k: v for k, v in parts.trainer.callback_metrics.items() if k.startswith("test/")}
+    names = [*model.keys, FUSED]
+    log.info("test: %s", {n: round(float(summary.get(f"test/{n}/auroc", float("nan"))), 4) for n in names})
+
+
+def finish(run: Run, parts: TrainerParts) -> float | None:
+    """Training curves and the best value of `optimized_metric` (what sweeps optimise)."""
+    if parts.history.history:
+        _log_figure(run.logger, plots.training_curves_figure(parts.history.history), run.out_dir, "training_curves.png")
+    score = parts.checkpoint.best_model_score
+    best = None if score is None else float(score)
+    run.logger.log_metrics(sweep.best_metric(str(run.cfg.optimized_metric), best))
+    return best
+
+
+def train(cfg: DictConfig) -> float | None:
+    """Run one training; returns the best value of `optimized_metric` (None when never validated)."""
+    run = start_run(cfg)
+    with run_status(run.logger):
+        log_inputs(run)
+        parts = build_trainer(cfg, run.model, run.logger, run.ckpt_dir, run.out_dir)
+        fit(run, parts)
+        fit_fusion(cfg, run.model, run.dm, run.logger, run.out_dir)  # calibration, fusion fit, thresholds
+        save_model(run, parts)
+        if cfg.get("test", True) and run.source.test is not None:
+            test_and_report(run, parts)
+        return finish(run, parts)
