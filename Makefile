@@ -32,7 +32,9 @@ browser:
 TEST_WORKERS ?= 2
 test: install browser
 	$(PY) -m ruff check .
+	$(VENV)/bin/lint-imports
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS)
 
 lint: install
 	$(PY) -m ruff check .
+	$(VENV)/bin/lint-imports

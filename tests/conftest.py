@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny data written to tmp dirs and a runner for the real CLI."""
+"""Shared fixtures: tiny data written to tmp dirs, the train task in-process on composed configs, the real CLI."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from omegaconf import DictConfig
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,6 +66,31 @@ def run_cli(tmp_path: Path) -> Callable[..., subprocess.CompletedProcess]:
 @pytest.fixture
 def tracking_uri(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path}/mlflow.db"
+
+
+def compose_config(config_name: str, overrides: Sequence[str]) -> DictConfig:
+    """A config composed with Hydra's compose API from the shipped conf/ (no Hydra run, no output folder)."""
+    from hydra import compose, initialize_config_dir
+
+    from xrayfusion.core.cli import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose(config_name, overrides=list(overrides))
+
+
+@pytest.fixture
+def train_task(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[..., float | None]:
+    """Run the train task in this process on a composed config, into a tmp SQLite store and tmp folders."""
+    from xrayfusion.training.run import train
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.chdir(tmp_path)
+
+    def run(overrides: Sequence[str]) -> float | None:
+        paths = [f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path}/outputs/run"]
+        return train(compose_config("train", [*overrides, *paths]))
+
+    return run
 
 
 SMALL_SYNTHETIC = [

@@ -43,16 +43,13 @@ def test_sigkill_then_resume_continues_the_same_run(run_cli, tmp_path: Path, tra
     # bf16_branches=auto: the resumed part reuses the precisions the killed part measured (tests/test_precision.py)
     args = [*TINY, "trainer.max_epochs=3", "data.n_train=96", "model.bf16_branches=auto"]
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "xrayfusion.train", *args, f"hydra.run.dir={tmp_path}/outputs/killed"]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # SIGKILL itself at step 8: in the second epoch, after the first epoch's last.ckpt (6 steps an epoch)
+    kill = "+callbacks.extra.kill={_target_:tests.helpers.KillAtStep,step:8}"
+    cmd = [sys.executable, "-m", "xrayfusion.train", *args, kill, f"hydra.run.dir={tmp_path}/outputs/killed"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     last = tmp_path / "outputs/killed/checkpoints/last.ckpt"
-    deadline = time.monotonic() + 300
-    while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert last.exists(), "the training wrote no last.ckpt before it ended or timed out"
-    time.sleep(0.5)  # into the second epoch
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 6  # the first epoch's
     [killed] = runs_of(tracking_uri)
     assert killed.info.status == "RUNNING"  # nobody could mark it: SIGKILL
     assert killed.data.tags[CHECKPOINT_DIR_TAG] == str(last.parent)

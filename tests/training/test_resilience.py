@@ -5,7 +5,6 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import mlflow
@@ -30,6 +29,7 @@ print("ready", flush=True)
 while True:
     i += 1
     atomic_torch_save({"step": i, "w": torch.full((3_000_000,), float(i))}, path)
+    print(f"saved {i}", flush=True)
 """
 
 
@@ -43,11 +43,12 @@ def test_kill_during_atomic_save_leaves_a_complete_checkpoint(tmp_path: Path) ->
         text=True,
     )
     assert proc.stdout.readline().strip() == "ready"
-    time.sleep(1.5)  # several 12 MB writes are under way
+    for step in (1, 2, 3):  # three complete 12 MB writes; the kill lands in the fourth (or just after it)
+        assert proc.stdout.readline().strip() == f"saved {step}"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     state = load_checkpoint(path)
-    assert state["step"] >= 0 and bool((state["w"] == float(state["step"])).all())
+    assert state["step"] >= 3 and bool((state["w"] == float(state["step"])).all())
     assert path.stat().st_mode & 0o044  # readable like any other file, not mkstemp's 0600
 
 

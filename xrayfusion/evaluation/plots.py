@@ -13,9 +13,11 @@ import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from sklearn.metrics import ConfusionMatrixDisplay, auc, roc_curve  # noqa: E402
 
+from xrayfusion.core.names import FUSED  # noqa: E402
+
 
 def confusion_matrix_figure(
-    labels: torch.Tensor, predicted: torch.Tensor, class_names: Sequence[str], title: str = "fused"
+    labels: torch.Tensor, predicted: torch.Tensor, class_names: Sequence[str], title: str = FUSED
 ) -> Figure:
     """Confusion matrix with counts."""
     fig, ax = plt.subplots(figsize=(4 + 0.4 * len(class_names), 4 + 0.4 * len(class_names)))
@@ -48,7 +50,7 @@ def roc_figure(labels: torch.Tensor, probs_by_model: Mapping[str, torch.Tensor])
     if len(np.unique(y)) > 1:
         for name, probs in probs_by_model.items():
             fpr, tpr = roc_points(y, probs.numpy())
-            ax.plot(fpr, tpr, lw=2.5 if name == "fused" else 1.2, label=f"{name} (AUC {auc(fpr, tpr):.3f})")
+            ax.plot(fpr, tpr, lw=2.5 if name == FUSED else 1.2, label=f"{name} (AUC {auc(fpr, tpr):.3f})")
     ax.plot([0, 1], [0, 1], "k--", lw=0.8)
     ax.set(xlabel="False positive rate", ylabel="True positive rate", title="Test ROC")
     ax.legend(loc="lower right", fontsize=8)
