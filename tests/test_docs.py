@@ -210,6 +210,11 @@ def test_extraction_handles_shell_syntax() -> None:
         " -m resume_run_id=<run id> \"filter=a.\\`b\\` = 'x'\" ... fusion=average,voting  # comment"
     )
     assert multirun
+    for line in (
+        ".venv/bin/python -m xrayfusion.predict inputs=a.png",
+        "X=1 python -m xrayfusion.predict inputs=a.png",
+    ):
+        assert COMMAND.search(line).groups() == ("predict", " inputs=a.png")
     assert overrides == ["resume_run_id=dummy", "filter=a.`b` = 'x'", "fusion=average,voting"]
     assert expand(["fusion=average,voting", "seed=1"]) == [["fusion=average", "seed=1"], ["fusion=voting", "seed=1"]]
 
