@@ -1,8 +1,11 @@
-"""scripts/benchmark.py speed on a tiny Kermany layout: every contender runs and the tables print."""
+"""scripts/benchmark.py on a tiny Kermany layout: every contender runs and the tables print.
+
+The script runs as users run it (no PYTHONPATH of its own): it imports the installed xrayfusion, and its
+subcommand modules (scripts/bench/) from the script's own folder."""
 
 from __future__ import annotations
 
-import os
+import importlib
 import subprocess
 import sys
 from pathlib import Path
@@ -28,8 +31,7 @@ def test_speed_prints_contender_and_ratio_tables(kermany_root: Path, tmp_path: P
         "--rounds=1",
         "--seed-workers=0",
     ]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
     rows = [line for line in lines if line.startswith("| (")]
@@ -46,9 +48,8 @@ def test_speed_prints_contender_and_ratio_tables(kermany_root: Path, tmp_path: P
 
 
 def _benchmark(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, str(REPO / "scripts" / "benchmark.py"), *args]
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600)
 
 
 @pytest.mark.slow
@@ -64,15 +65,41 @@ def test_precision_prints_per_branch_speedups(tmp_path: Path) -> None:
     assert "model.bf16_branches=[" in result.stdout
 
 
-def test_print_quality_shows_branches_fused_anchors_and_learned_weights(capsys) -> None:
-    sys.path.insert(0, str(REPO / "scripts"))
-    import benchmark
+@pytest.mark.slow
+def test_profile_prints_phase_shares_and_operator_table(kermany_root: Path, tmp_path: Path) -> None:
+    args = ["profile", f"--data-root={kermany_root}", "--branches", "small_cnn", "--image-size=32", "--batch-size=8"]
+    result = _benchmark([*args, "--steps=2", "--top=5"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert "2 training steps" in out
+    rows = [line for line in out.splitlines() if line.startswith("| ") and line.rstrip().endswith("% |")]
+    assert [r.split("|")[1].strip() for r in rows] == [
+        "data (augment + collate)",
+        "forward + loss",
+        "backward",
+        "optimizer",
+    ]
+    assert sum(float(r.split("|")[3].strip().rstrip("%")) for r in rows) == pytest.approx(100, abs=3)
+    assert "Self CPU" in out
+
+
+def test_print_quality_shows_branches_fused_anchors_and_learned_weights(capsys, monkeypatch) -> None:
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))  # the script's own folder, as `python scripts/...` has it
+    quality = importlib.import_module("bench.quality")
 
     metrics = {f"test/{m}/{k}": 0.9 for m in ("a", "fused") for k in ("acc", "recall", "specificity", "f1", "auroc")}
     metrics["time/fit_seconds"] = 12.0
     params = {"fusion/name": "average", "data/n_test": "624", "average/weight_a": "1.0"}
-    benchmark.print_quality(metrics, params, wall=15.0)
+    quality.print_quality(metrics, params, wall=15.0)
     out = capsys.readouterr().out
     assert "| a | 0.900 |" in out and "| fused (average) | 0.900 |" in out
     assert "Kermany et al. 2018" in out and "learned average weights: a 1.000" in out
     assert "fit 12 s, end to end 15 s" in out
+
+
+def test_scripts_leave_sys_path_and_pythonpath_alone() -> None:
+    sources = [*(REPO / "scripts").glob("*.py"), *(REPO / "scripts" / "bench").glob("*.py")]
+    assert len(sources) >= 8
+    for source in sources:
+        text = source.read_text()
+        assert "sys.path" not in text and "PYTHONPATH" not in text, source.name
