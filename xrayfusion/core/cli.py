@@ -39,11 +39,11 @@ def _unknown_key_message(err: BaseException) -> str | None:
     full_key = getattr(cause, "full_key", None)
     if not full_key or "not in struct" not in str(cause):
         return None
-    parent = str(full_key).rpartition(".")[0]
+    parent, _, leaf = str(full_key).rpartition(".")
     known = [f"{parent}.{k}" if parent else k for k in _keys(getattr(cause, "parent_node", None))]
-    hint = did_you_mean(str(full_key), known)
-    if hint:
-        return f"{full_key} is not a config key{hint}"
+    close = did_you_mean(leaf, [k.rpartition(".")[2] for k in known])  # the leaf alone: a shared prefix is no match
+    if close:
+        return f"{full_key} is not a config key{close.replace('mean ', 'mean ' + (parent + '.' if parent else ''))}"
     listed = f"; {parent or 'the top level'} has {', '.join(sorted(known))}" if known else ""
     return f"{full_key} is not a config key{listed}; to add a new key write +{full_key}=<value>"
 
