@@ -107,3 +107,27 @@ SMALL_SYNTHETIC = [
     "tracking.log_model=false",
     "gradcam.n_images=2",
 ]
+
+
+def assert_logged_test_metrics_recompute(tracking_uri: str, run_id: str) -> None:
+    """Every logged `test/<model>/<metric>` equals what the run's own test_predictions.csv and its logged
+    thresholds give (one decision rule, one set of metric functions)."""
+    import mlflow
+    import pandas as pd
+    import torch
+
+    from xrayfusion.evaluation.metrics import compute_metrics
+
+    client = mlflow.MlflowClient(tracking_uri)
+    run = client.get_run(run_id)
+    with __import__("tempfile").TemporaryDirectory() as tmp:
+        frame = pd.read_csv(client.download_artifacts(run_id, "test_predictions.csv", tmp))
+    labels = torch.tensor(frame["label"].to_numpy())
+    models = sorted({c.split("/")[0] for c in frame.columns if "/" in c})
+    assert "fused" in models
+    for name in models:
+        probs = torch.tensor(frame[[c for c in frame.columns if c.startswith(f"{name}/")]].to_numpy()).float()
+        threshold = float(run.data.params.get(f"threshold/{name}", 0.5))
+        for metric, value in compute_metrics(labels, probs, threshold).items():
+            if value == value:  # not NaN
+                assert run.data.metrics[f"test/{name}/{metric}"] == pytest.approx(value, abs=1e-6), (name, metric)

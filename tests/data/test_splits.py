@@ -45,3 +45,13 @@ def test_grouped_folds_cover_every_index_once() -> None:
 def test_bad_val_fraction(fraction: float) -> None:
     with pytest.raises(ConfigError, match="val_fraction"):
         carve_validation([0, 1] * 10, [str(i) for i in range(20)], fraction, 0)
+
+
+@pytest.mark.parametrize("fraction", [0.15, 0.4, 0.45, 0.6, 0.9])
+def test_val_fraction_is_the_fraction_asked_for_within_one_patient(fraction: float) -> None:
+    groups = [f"p{i // 3}" for i in range(300)]  # 100 patients of 3 images
+    labels = [(i // 3) % 2 for i in range(300)]
+    train, val = carve_validation(labels, groups, fraction, seed=0)
+    assert abs(len(val) - fraction * 300) <= 3, len(val)
+    assert {groups[i] for i in train}.isdisjoint({groups[i] for i in val})
+    assert abs(np.mean(np.asarray(labels)[val]) - 0.5) < 0.05  # classes stay balanced

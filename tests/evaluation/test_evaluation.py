@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -65,7 +66,11 @@ def test_binary_metrics_agree_with_scikit_learn() -> None:
     assert got["f1"] == pytest.approx(skm.f1_score(y, pred), abs=1e-6)
     assert got["auroc"] == pytest.approx(skm.roc_auc_score(y, p), abs=1e-6)
     assert got["ap"] == pytest.approx(skm.average_precision_score(y, p), abs=1e-6)
-    assert 0.0 <= got["ece"] <= 1.0
+    bins = np.minimum((p * 15).astype(int), 14)  # 15 equal bins of the positive-class confidence, as torchmetrics
+    ece = sum(
+        abs(p[bins == b].mean() - y[bins == b].mean()) * (bins == b).mean() for b in range(15) if (bins == b).any()
+    )
+    assert got["ece"] == pytest.approx(ece, abs=1e-5)
 
 
 def test_multiclass_metrics_are_macro_averaged() -> None:
@@ -188,3 +193,42 @@ def test_each_branch_keeps_its_own_validation_threshold_through_the_checkpoint(t
     assert loading.trained_thresholds(loaded, 0.5) == {"small_cnn": 0.5, "darknet": 0.5, "fused": 0.5}
     # checkpoints written before per-branch thresholds were saved fall back to the fused threshold
     assert loading.trained_thresholds(tiny_model("average")) == {"small_cnn": 0.4, "darknet": 0.4, "fused": 0.4}
+
+
+def _model_of_run(kermany_root: Path, seed: int) -> tuple[FusionClassifier, list[str]]:
+    """A model that records the split of a training with data.seed=`seed` (as build_model stores it)."""
+    from xrayfusion.data import XRayDataModule
+
+    cfg = {"name": "kermany", "root": str(kermany_root), "image_size": 32, "val_fraction": 0.25, "seed": seed}
+    val = XRayDataModule(cfg).prepare().val
+    model = tiny_model("average")
+    model.hparams.data_split = {"seed": seed, "val_fraction": 0.25, "val_digest": val.digest()}
+    model.hparams.class_names = ["NORMAL", "PNEUMONIA"]
+    return model, sorted(val.names)
+
+
+def test_evaluate_split_val_scores_the_runs_own_validation_images(kermany_root: Path, tmp_path: Path) -> None:
+    model, run_val = _model_of_run(kermany_root, seed=7)
+    data = {"name": "kermany", "root": str(kermany_root), "val_fraction": 0.15, "seed": 42, "cache_dir": None}
+    _, preds = evaluate_model(model, data, split="val", n_bootstrap=0)  # evaluate's own seed and fraction differ
+    assert sorted(preds["name"]) == run_val
+    _, train = evaluate_model(model, data, split="train", n_bootstrap=0)
+    assert set(train["name"]).isdisjoint(run_val)
+    other = tmp_path / "other"
+    shutil.copytree(kermany_root, other)
+    (other / "train" / run_val[0]).unlink()  # another data set: another validation split
+    with pytest.raises(DataError, match="does not give this run's validation split"):
+        evaluate_model(model, {**data, "root": str(other)}, split="val", n_bootstrap=0)
+    model.hparams.data_split = None  # a checkpoint that never recorded its split
+    with pytest.raises(DataError, match="does not record"):
+        evaluate_model(model, data, split="val", n_bootstrap=0)
+
+
+def test_evaluate_threshold_rules_are_chosen_on_the_runs_validation_split(kermany_root: Path) -> None:
+    model, _ = _model_of_run(kermany_root, seed=7)
+    data = {"name": "kermany", "root": str(kermany_root), "val_fraction": 0.25, "seed": 42, "cache_dir": None}
+    for rule in ("youden", "sensitivity@0.9", 0.3):
+        results, _ = evaluate_model(model, data, split="test", n_bootstrap=0, threshold=rule)
+        assert set(results["model"]) == {"small_cnn", "darknet", "fused"}
+    with pytest.raises(ConfigError, match="metrics.threshold='median'"):
+        evaluate_model(model, data, split="test", n_bootstrap=0, threshold="median")

@@ -68,3 +68,38 @@ def test_stacking_checkpoint_holds_json_and_loads_without_pickle(kind: str) -> N
     restored.load_state_dict(state)
     assert torch.allclose(restored(probs, [])[0], fused)
     assert meta_features(probs).shape == (200, 2)
+
+
+@pytest.mark.parametrize("num_classes", [2, 3])
+def test_stored_hgb_is_exact_on_saturated_float32_probabilities(num_classes: int) -> None:
+    """Branch probabilities arrive as float32 at and just below 1; a split between the two (0.99999997) must
+    not round to 1.0 at inference, as it does when the stored trees are evaluated in float32."""
+    rng = np.random.default_rng(3)
+    n, k = 400, 2
+    y = rng.integers(0, num_classes, n)
+    below_one = np.nextafter(np.float32(1), np.float32(0))  # 0.99999994
+    top = np.where(y == 1, np.float32(1.0), below_one).astype(np.float32)  # class 1 saturates exactly at 1.0
+    top = np.where(rng.random(n) < 0.1, below_one, top)  # some noise so the trees stay shallow
+    probs = np.zeros((n, k, num_classes), dtype=np.float32)
+    probs[:, :, 0] = 1 - top[:, None]
+    probs[:, :, -1] += top[:, None] if num_classes == 2 else 0
+    if num_classes == 3:
+        probs[:, :, 1] = top[:, None]
+    probs32 = torch.from_numpy(probs)
+    stack = StackingFusion(k, num_classes, meta="hgb")
+    stack.fit(probs32.double(), torch.from_numpy(y))  # what training fits on
+    features = meta_features(probs32.double()).numpy()  # the float32 values, exactly, as float64
+    with threadpool_limits(1):
+        est = meta.make_estimator("hgb", seed=0).fit(features, y)
+        expected = est.predict_proba(features)
+    fused, _ = stack(probs32, [])  # what the model computes at inference, from float32 inputs
+    assert fused.dtype == torch.float32
+    np.testing.assert_allclose(fused.double().numpy(), expected, atol=1e-6)
+
+
+def test_hgb_export_refuses_an_untested_sklearn() -> None:
+    meta.check_hgb_export((1, 5))
+    with pytest.raises(ConfigError, match="fusion.meta=logreg"):
+        meta.check_hgb_export((2, 0))
+    with pytest.raises(ConfigError, match="scikit-learn"):
+        meta.check_hgb_export((1, 3))

@@ -17,10 +17,15 @@ from xrayfusion.models import FusionClassifier
 from xrayfusion.models.metrics import train_accuracy
 
 
-def test_resolve_workers() -> None:
+def test_resolve_workers(monkeypatch) -> None:
+    from xrayfusion.core import runtime as runtime_mod
+
     assert resolve_workers(3) == 3
     assert resolve_workers("2") == 2
-    assert resolve_workers("auto") >= 0
+    monkeypatch.setattr(runtime_mod, "available_cpus", lambda: 2)
+    assert resolve_workers("auto") == 0  # small machines: workers would steal the compute
+    monkeypatch.setattr(runtime_mod, "available_cpus", lambda: 16)
+    assert resolve_workers("auto") == 4
     with pytest.raises(ConfigError, match="num_workers=-1"):
         resolve_workers(-1)
     with pytest.raises(ConfigError, match="'many'"):
@@ -66,7 +71,7 @@ def test_compile_keeps_checkpoint_keys() -> None:
     assert list(_model(compile=True).state_dict()) == list(_model().state_dict())
 
 
-def _host_syncs(steps: int) -> int:
+def _host_syncs(steps: int, callbacks: list | None = None) -> int:
     """Count tensor-to-host reads (`.item()` and friends) during a fit of `steps` training steps."""
     pl.seed_everything(0)
     x = torch.randint(0, 255, (8 * steps, 1, 32, 32), dtype=torch.uint8)
@@ -79,6 +84,7 @@ def _host_syncs(steps: int) -> int:
         enable_checkpointing=False,
         enable_progress_bar=True,
         enable_model_summary=False,
+        callbacks=callbacks or [],
     )
     model = _model(("small_cnn",))
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -88,6 +94,14 @@ def _host_syncs(steps: int) -> int:
 
 def test_training_step_has_no_per_step_host_sync() -> None:
     assert _host_syncs(2) == _host_syncs(6)
+
+
+def test_the_loss_guard_adds_no_per_step_host_sync_between_its_checks() -> None:
+    from xrayfusion.training.callbacks import FiniteLossGuard
+
+    sparse = _host_syncs(2, [FiniteLossGuard(every_n_steps=100)]), _host_syncs(6, [FiniteLossGuard(every_n_steps=100)])
+    assert sparse[0] == sparse[1]  # one read-back at the epoch's end, however many steps
+    assert _host_syncs(6, [FiniteLossGuard(every_n_steps=1)]) - _host_syncs(2, [FiniteLossGuard(every_n_steps=1)]) == 4
 
 
 def _capture_dtypes(model: FusionClassifier) -> dict[str, torch.dtype]:

@@ -1,9 +1,11 @@
 """End-to-end: the train task on composed configs (in-process) and the CLI, read back through the MLflow client."""
 
+import re
+
 import mlflow
 import pytest
 
-from tests.conftest import SMALL_SYNTHETIC
+from tests.conftest import SMALL_SYNTHETIC, assert_logged_test_metrics_recompute
 
 
 def artifact_paths(client: mlflow.MlflowClient, run_id: str, path: str | None = None) -> list[str]:
@@ -26,7 +28,7 @@ def test_train_each_fusion_logs_a_complete_run(train_task, tracking_uri: str, fu
     for name in ("resnet18", "small_cnn", "fused"):
         for metric in ("acc", "precision", "recall", "specificity", "f1", "auroc"):
             assert f"test/{name}/{metric}" in metrics and f"val/{name}/{metric}" in metrics
-    assert 0.0 <= metrics["test/fused/auroc"] <= 1.0
+    assert_logged_test_metrics_recompute(tracking_uri, run.info.run_id)
     assert best == pytest.approx(metrics["best/val/fused/auroc"])  # the task returns what sweeps optimise
     assert "train/loss" in metrics and "val/loss" in metrics
     assert run.data.params["fusion/name"] == fusion and run.data.params["model/branches"] == "['resnet18', 'small_cnn']"
@@ -78,7 +80,8 @@ def test_speed_switches_together_train_and_log(run_cli, tracking_uri: str) -> No
     assert result.returncode == 0, result.stderr[-3000:]
     client = mlflow.MlflowClient(tracking_uri)
     (run,) = client.search_runs([client.get_experiment_by_name("xrayfusion").experiment_id])
-    assert run.info.status == "FINISHED" and 0.0 <= run.data.metrics["test/fused/auroc"] <= 1.0
+    assert run.info.status == "FINISHED"
+    assert_logged_test_metrics_recompute(tracking_uri, run.info.run_id)
     params = run.data.params
     assert params["trainer/precision"] == "bf16-mixed" and params["optimizer/fused"] == "True"
     assert params["model/channels_last"] == "True" and params["model/bf16_branches"] == "['small_cnn']"
@@ -95,4 +98,6 @@ def test_bf16_branches_auto_logs_its_choice(run_cli, tracking_uri: str) -> None:
     (run,) = client.search_runs([client.get_experiment_by_name("xrayfusion").experiment_id])
     assert run.info.status == "FINISHED"
     chosen = run.data.params["precision/bf16_branches"]
-    assert chosen == "none" or set(chosen.split(",")) <= {"resnet18", "small_cnn"}
+    said = re.search(r"model\.bf16_branches=auto chose \[(.*?)\]", result.stderr + result.stdout).group(1)
+    measured = [name.strip(" '") for name in said.split(",") if name.strip()]
+    assert chosen == (",".join(measured) or "none")  # the logged param is what the timing chose

@@ -146,3 +146,37 @@ def test_hydra_errors_become_one_line() -> None:
     assert hydra_error_message(err) == "fusion=median is not an option; choose fusion= one of average, voting"
     generic = hydra_error_message(ValueError("Could not override 'foo'.\nTo append use +foo=1\n\nConfig search path:"))
     assert generic == "Could not override 'foo'. To append use +foo=1"
+
+
+def test_a_sparse_guard_still_keeps_non_finite_weights_out_of_every_checkpoint(tmp_path: Path) -> None:
+    """every_n_steps=100 reads nothing back during the epoch; the check before the epoch's checkpoint stops it."""
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.ones(8, 2)), batch_size=2)
+    guard = FiniteLossGuard(every_n_steps=100)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    trainer = pl.Trainer(
+        max_epochs=2,
+        callbacks=[guard, checkpoint],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    with pytest.raises(
+        NonFiniteLossError, match=r"became -?inf at step 2 \(noticed at step 4.*no checkpoint was written"
+    ):
+        trainer.fit(_Diverging(), data)
+    assert not list((tmp_path / "ckpt").glob("*.ckpt"))  # the poisoned weights were never written
+
+
+def test_the_guard_reads_the_loss_back_only_every_n_steps(monkeypatch) -> None:
+    """No host read-back of the loss between checks: Tensor.item/__float__ are not called on the hot path."""
+    guard = FiniteLossGuard(every_n_steps=5)
+    checks: list[int] = []
+    monkeypatch.setattr(guard, "check", lambda trainer: checks.append(trainer.global_step))
+    trainer = type("T", (), {"global_step": 0})()
+    for step in range(12):
+        trainer.global_step = step
+        guard.on_before_backward(trainer, None, torch.tensor(1.0))
+    assert checks == [4, 9]

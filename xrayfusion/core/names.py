@@ -2,16 +2,34 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 FUSED = "fused"  # the fused model's name in metrics (`test/fused/auroc`), tables and prediction columns
 # metrics of every branch and the fused model, in the order tables show them
-METRIC_NAMES = ("acc", "precision", "recall", "specificity", "f1", "auroc", "ap", "ece")
+# acc: plain accuracy; balanced_acc: mean per-class recall (binary: (sensitivity + specificity) / 2);
+# precision, recall, specificity, f1, auroc and ap are macro averages over classes when there are more than two
+METRIC_NAMES = ("acc", "balanced_acc", "precision", "recall", "specificity", "f1", "auroc", "ap", "ece")
 RANKING_METRICS = ("auroc", "ap")  # undefined when the labels hold one class only
 
 
 def predict_labels(probs: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
-    """Class decisions: positive-class probability >= threshold (binary) or argmax."""
+    """THE decision rule: positive when the positive-class probability >= threshold (binary), else argmax.
+
+    Probabilities are compared in float32, as every xrayfusion output is.
+    """
     if probs.shape[1] == 2:
-        return (probs[:, 1] >= threshold).long()
+        return (probs[:, 1].float() >= float(np.float32(threshold))).long()
     return probs.argmax(dim=1)
+
+
+def balanced_accuracy(recall: float, specificity: float, num_classes: int) -> float:
+    """Balanced accuracy from the (macro) recall and specificity: their mean for two classes, else the macro
+    recall itself (the mean per-class recall)."""
+    return (recall + specificity) / 2 if num_classes == 2 else recall
+
+
+def strict_threshold(threshold: float) -> float:
+    """The threshold to give a library that decides `p > t` (torchmetrics) so that it decides `p >= threshold`
+    on float32 probabilities: the largest float32 below `threshold` (no float32 lies between the two)."""
+    return float(np.nextafter(np.float32(threshold), np.float32(-np.inf)))

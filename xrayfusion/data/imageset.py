@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,10 @@ class ImageSet:
             names=[self.names[i] for i in idx_list],
             sizes=[self.sizes[i] for i in idx_list] if self.sizes is not None else None,
         )
+
+    def digest(self) -> str:
+        """A short digest of the file names (order-free): what identifies a split across runs and commands."""
+        return hashlib.sha256("\n".join(sorted(self.names)).encode()).hexdigest()[:16]
 
     def class_counts(self, num_classes: int) -> list[int]:
         return torch.bincount(self.labels, minlength=num_classes).tolist()

@@ -43,9 +43,31 @@ def grouped_folds(
 def carve_validation(
     labels: Sequence[int], groups: Sequence[str], fraction: float, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Split indices into (train, val) with about `fraction` of the patients in val."""
+    """Split indices into (train, val): `fraction` of the images in val, to within one patient, whole patients
+    on one side only, class proportions kept (patients are stratified by their majority class)."""
     if not 0.0 < fraction < 1.0:
         raise ConfigError(f"data.val_fraction={fraction} must lie strictly between 0 and 1, e.g. 0.15")
-    n_splits = max(2, round(1.0 / fraction))
-    train_idx, val_idx = grouped_folds(labels, groups, n_splits, seed)[0]
-    return np.sort(train_idx), np.sort(val_idx)
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    rows: dict[str, list[int]] = {}
+    for i, g in enumerate(groups):
+        rows.setdefault(g, []).append(i)
+    by_class: dict[int, list[str]] = {}
+    for g in sorted(rows):
+        majority = int(np.bincount(labels[rows[g]]).argmax())
+        by_class.setdefault(majority, []).append(g)
+    val: list[int] = []
+    for c in sorted(by_class):
+        patients = [by_class[c][i] for i in rng.permutation(len(by_class[c]))]
+        target = fraction * sum(len(rows[g]) for g in patients)
+        taken = 0
+        for g in patients:
+            if taken and abs(taken + len(rows[g]) - target) >= abs(taken - target):
+                continue  # this patient would move the count further from the target: try a smaller one
+            val += rows[g]
+            taken += len(rows[g])
+    val_idx = np.sort(np.asarray(val, dtype=int))
+    train_idx = np.setdiff1d(np.arange(len(labels)), val_idx)
+    if len(train_idx) == 0:
+        raise ConfigError(f"data.val_fraction={fraction} leaves no patient for training; use a smaller fraction")
+    return train_idx, val_idx

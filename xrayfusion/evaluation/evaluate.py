@@ -2,19 +2,47 @@
 
 from __future__ import annotations
 
+import logging
 import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
-from xrayfusion.core.errors import ConfigError
-from xrayfusion.data import XRayDataModule
+from xrayfusion.core.errors import ConfigError, DataError
+from xrayfusion.data import ImageSet, XRayDataModule
+from xrayfusion.evaluation import decisions
 from xrayfusion.evaluation.inference import predict
 from xrayfusion.evaluation.loading import match_classes, trained_thresholds
 from xrayfusion.evaluation.metrics import evaluate_predictions, mlflow_metrics, predictions_frame
+from xrayfusion.fusion import thresholds
 from xrayfusion.models import FusionClassifier
+
+log = logging.getLogger(__name__)
+
+
+def run_split(model: FusionClassifier, why: str = "split=val|train") -> dict[str, Any]:
+    """The data seed and val_fraction the model's training split its data with."""
+    record = model.hparams.get("data_split")
+    if not record or not record.get("val_digest"):
+        raise DataError(
+            "this checkpoint does not record its training's validation split (trained before xrayfusion stored it), "
+            f"so {why} cannot use it faithfully; use split=test with the trained thresholds, or retrain"
+        )
+    return {"seed": int(record["seed"]), "val_fraction": float(record["val_fraction"])}
+
+
+def check_run_split(model: FusionClassifier, val: ImageSet | None, cfg: Mapping[str, Any]) -> None:
+    """DataError unless `val` holds exactly the validation images the model's training used."""
+    expected = model.hparams["data_split"]["val_digest"]
+    if val is None or val.digest() != expected:
+        raise DataError(
+            f"data={cfg.get('name')} (root={cfg.get('root')}) does not give this run's validation split (digest "
+            f"{val.digest() if val is not None else 'none'} vs the run's {expected}): point data= and data.root at "
+            "the data the run was trained on, or use split=test"
+        )
 
 
 def evaluate_model(
@@ -23,22 +51,43 @@ def evaluate_model(
     split: str = "test",
     n_bootstrap: int = 1000,
     seed: int = 0,
-    threshold: float | None = None,
+    threshold: float | str | None = None,
     batch_size: int = 64,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Score every branch and the fused model on a split of any data config, decoded at the trained size.
 
+    `threshold`: None = the thresholds chosen at training time; a number for every model; or a rule
+    (youden, sensitivity@0.95) chosen on the run's own validation split, which `data_cfg` must then give.
     Returns (results rows of evaluate_predictions, predictions_frame).
     """
+    if split not in ("train", "val", "test"):
+        raise ConfigError(f"split={split} is unknown; use split=test, val or train")
+    rule = None if threshold is None else thresholds.parse_rule(threshold)
+    needs_val = split != "test" or isinstance(rule, str)
     cfg = {**dict(data_cfg), "image_size": int(model.hparams.image_size)}
+    if needs_val:
+        cfg.update(run_split(model, "split=val|train" if split != "test" else f"metrics.threshold={threshold}"))
     dm = XRayDataModule(cfg)
     source = dm.prepare()
-    data = getattr(source, split, None) if split in ("train", "val", "test") else None
+    data = getattr(source, split, None)
     if data is None:
         raise ConfigError(f"split={split} is not available in data={cfg.get('name')}; use split=test, val or train")
+    if needs_val:
+        check_run_split(model, source.val, cfg)
     match_classes(list(model.hparams.class_names), source.class_names)
     probs = predict(model, data.images, batch_size).by_model()
-    results = evaluate_predictions(data.labels, probs, trained_thresholds(model, threshold), n_bootstrap, seed)
+    if isinstance(rule, str):
+        val = predict(model, source.val, batch_size)
+        chosen, where = decisions.choose_thresholds(
+            rule, model, val, source.val.groups, int(model.hparams["data_split"]["seed"])
+        )
+        log.info(
+            "thresholds (metrics.threshold=%s, chosen on the run's val split; fused on %s): %s", rule, where, chosen
+        )
+        decide = chosen or trained_thresholds(model)
+    else:
+        decide = trained_thresholds(model, rule)
+    results = evaluate_predictions(data.labels, probs, decide, n_bootstrap, seed)
     return results, predictions_frame(data.names, data.labels, probs, list(model.hparams.class_names))
 
 

@@ -11,7 +11,7 @@ import torch
 from torchmetrics.functional import classification as tmf
 
 from xrayfusion.core.errors import DataError
-from xrayfusion.core.names import FUSED, METRIC_NAMES, RANKING_METRICS
+from xrayfusion.core.names import FUSED, METRIC_NAMES, RANKING_METRICS, balanced_accuracy, strict_threshold
 
 EVAL_METRICS = METRIC_NAMES
 
@@ -42,7 +42,7 @@ def probs_from_frame(frame: pd.DataFrame, model_name: str = FUSED) -> np.ndarray
 
 # ---- metrics -------------------------------------------------------------------------------------------
 def _binary_fns(threshold: float) -> dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
-    kw = {"threshold": threshold, "validate_args": False}
+    kw = {"threshold": strict_threshold(threshold), "validate_args": False}  # torchmetrics decides p > t
     return {
         "acc": lambda p, y: tmf.binary_accuracy(p, y, **kw),
         "precision": lambda p, y: tmf.binary_precision(p, y, **kw),
@@ -58,7 +58,7 @@ def _binary_fns(threshold: float) -> dict[str, Callable[[torch.Tensor, torch.Ten
 def _multiclass_fns(num_classes: int) -> dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
     kw = {"num_classes": num_classes, "average": "macro", "validate_args": False}
     return {
-        "acc": lambda p, y: tmf.multiclass_accuracy(p, y, **kw),
+        "acc": lambda p, y: tmf.multiclass_accuracy(p, y, **{**kw, "average": "micro"}),
         "precision": lambda p, y: tmf.multiclass_precision(p, y, **kw),
         "recall": lambda p, y: tmf.multiclass_recall(p, y, **kw),
         "specificity": lambda p, y: tmf.multiclass_specificity(p, y, **kw),
@@ -70,21 +70,24 @@ def _multiclass_fns(num_classes: int) -> dict[str, Callable[[torch.Tensor, torch
 
 
 def compute_metrics(labels: torch.Tensor, probs: torch.Tensor, threshold: float = 0.5) -> dict[str, float]:
-    """acc, precision, recall, specificity, f1, auroc, ap (average precision), ece; binary or macro multiclass.
+    """METRIC_NAMES: acc (plain), balanced_acc, precision, recall, specificity, f1, auroc, ap, ece; binary, or
+    macro averages over classes.
 
     auroc and ap are NaN when the labels hold one class only.
     """
     labels = labels.long()
     num_classes = probs.shape[1]
     if num_classes == 2:
-        fns, scores = _binary_fns(threshold), probs[:, 1].contiguous()
+        fns, scores = _binary_fns(threshold), probs[:, 1].float().contiguous()
     else:
         fns, scores = _multiclass_fns(num_classes), probs
     one_class = len(torch.unique(labels)) < 2
-    return {
+    values = {
         name: (math.nan if one_class and name in RANKING_METRICS else float(fn(scores, labels)))
         for name, fn in fns.items()
     }
+    values["balanced_acc"] = balanced_accuracy(values["recall"], values["specificity"], num_classes)
+    return {name: values[name] for name in METRIC_NAMES}
 
 
 def bootstrap_intervals(

@@ -1,19 +1,22 @@
-"""What training logs after its test pass besides the core metrics: predictions CSV, intervals, Grad-CAM, model."""
+"""The test report of a training: the final model's test predictions through the one inference path, scored
+with the same functions as `evaluate`, logged as metrics, `test_predictions.csv`, plots and Grad-CAM."""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
-import torch
+import pandas as pd
 from pytorch_lightning.loggers import MLFlowLogger
 
 from xrayfusion import tracking
-from xrayfusion.core.names import FUSED, METRIC_NAMES
+from xrayfusion.core.names import FUSED, predict_labels
 from xrayfusion.data import ImageSet
-from xrayfusion.evaluation import metrics
+from xrayfusion.evaluation import metrics, plots
 from xrayfusion.evaluation.gradcam import gradcam_figure
-from xrayfusion.evaluation.plots import plt
+from xrayfusion.evaluation.inference import Predictions, predict
+from xrayfusion.evaluation.loading import trained_thresholds
 from xrayfusion.models import FusionClassifier
 
 log = logging.getLogger(__name__)
@@ -22,37 +25,49 @@ TEST_PREDICTIONS = "test_predictions.csv"
 GRADCAM_PNG = "gradcam_test.png"
 
 
+def log_figure(logger: MLFlowLogger, fig: Any, out_dir: Path, name: str) -> Path:
+    """Save a figure into `out_dir` and log it under the run's `plots/`."""
+    path = out_dir / name
+    fig.savefig(path, dpi=110)
+    plots.plt.close(fig)
+    tracking.log_artifact(logger, path, "plots")
+    return path
+
+
 def log_test_report(
     logger: MLFlowLogger,
     model: FusionClassifier,
     test: ImageSet,
-    outputs: dict[str, torch.Tensor],
     out_dir: Path,
     n_bootstrap: int = 1000,
     seed: int = 0,
     gradcam_images: int = 8,
-) -> None:
-    """Log `test_predictions.csv`, every metric's bootstrap interval (plus ap, ece) and the Grad-CAM grid."""
-    probs = {k: outputs["probs"][:, i] for i, k in enumerate(model.keys)}
-    probs[FUSED] = outputs["fused_probs"]
-    labels = outputs["labels"]
-    whole = len(test) == len(labels)  # under DDP a rank sees a share of the test set, in another order
-    names = test.names if whole else [f"rank0-{i}" for i in range(len(labels))]
-    frame = metrics.predictions_frame(names, labels, probs, list(model.hparams.class_names))
+    batch_size: int = 64,
+) -> pd.DataFrame:
+    """Predict the test split once and log from those predictions: `test/<model>/<metric>` (+ 95% intervals),
+    `test_predictions.csv`, the confusion matrix and ROC plots and the Grad-CAM grid. Returns the results rows.
+
+    The thresholds are the ones chosen on validation and stored with the model, so `evaluate`, `predict`
+    and the served model decide exactly as this report does.
+    """
+    preds: Predictions = predict(model, test, batch_size)
+    probs = preds.by_model()
+    class_names = list(model.hparams.class_names)
+    frame = metrics.predictions_frame(test.names, test.labels, probs, class_names)
     csv = out_dir / TEST_PREDICTIONS
     frame.to_csv(csv, index=False)
     tracking.log_artifact(logger, csv)
-    fused_threshold = float(model.hparams.threshold)
-    chosen = {k: float(getattr(model.metrics["test"][k]["acc"], "threshold", fused_threshold)) for k in probs}
-    results = metrics.evaluate_predictions(labels, probs, chosen, n_bootstrap, seed)
-    logged = metrics.mlflow_metrics(results, "test")
-    core = {f"test/{m}/{name}" for m in probs for name in METRIC_NAMES}
-    logger.log_metrics({k: v for k, v in logged.items() if k not in core})  # the test pass logged the values
-    if gradcam_images > 0 and not whole:
-        log.warning("Grad-CAM skipped: the test outputs do not cover the whole test set (DDP)")
-    elif gradcam_images > 0:
-        fig = gradcam_figure(model, test.images, labels, outputs["fused_probs"], gradcam_images)
-        path = out_dir / GRADCAM_PNG
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        tracking.log_artifact(logger, path, "plots")
+    results = metrics.evaluate_predictions(test.labels, probs, trained_thresholds(model), n_bootstrap, seed)
+    logger.log_metrics(metrics.mlflow_metrics(results, "test"))
+    predicted = predict_labels(preds.fused, float(model.hparams.threshold))
+    log_figure(
+        logger, plots.confusion_matrix_figure(test.labels, predicted, class_names), out_dir, "confusion_matrix_test.png"
+    )
+    log_figure(logger, plots.roc_figure(test.labels, probs), out_dir, "roc_test.png")
+    if gradcam_images > 0:
+        log_figure(
+            logger, gradcam_figure(model, test.images, test.labels, preds.fused, gradcam_images), out_dir, GRADCAM_PNG
+        )
+    auroc = results[results["metric"] == "auroc"].set_index("model")["value"]
+    log.info("test auroc: %s", {m: round(float(auroc.get(m, float("nan"))), 4) for m in [*model.keys, FUSED]})
+    return results

@@ -8,7 +8,7 @@ from typing import Any
 from xrayfusion.core.errors import ConfigError
 from xrayfusion.fusion import thresholds
 from xrayfusion.fusion.crossfit import parse_cv
-from xrayfusion.fusion.meta import check_meta
+from xrayfusion.fusion.meta import check_hgb_export, check_meta
 from xrayfusion.fusion.strategies import check_fusion
 
 
@@ -18,7 +18,8 @@ def validate_fusion(cfg: Mapping[str, Any], n_branches: int) -> None:
     check_fusion(fusion.get("name"), n_branches)
     cv = parse_cv(fusion.get("cv", "holdout"))
     if fusion.get("name") == "stacking":
-        check_meta(str(fusion.get("meta", "logreg")))
+        if check_meta(str(fusion.get("meta", "logreg"))) == "hgb":
+            check_hgb_export()  # before any training, not after it
     learned = fusion.get("name") == "average" and fusion.get("weights") == "learned"
     fitted = fusion.get("name") == "stacking" or learned
     if cv is not None and not fitted:

@@ -20,6 +20,28 @@ from threadpoolctl import threadpool_limits
 from xrayfusion.core.errors import ConfigError
 
 META_LEARNERS = ("logreg", "hgb", "mlp")
+# the hgb export reads HistGradientBoostingClassifier's private `_predictors` and `_baseline_prediction`;
+# it is tested against these scikit-learn versions (tests/fusion/test_meta.py), and pyproject.toml pins them
+HGB_SKLEARN_TESTED = ((1, 4), (1, 10))  # >= 1.4, < 1.10
+
+
+def _sklearn_version() -> tuple[int, int]:
+    import sklearn
+
+    major, minor = sklearn.__version__.split(".")[:2]
+    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+
+
+def check_hgb_export(version: tuple[int, int] | None = None) -> None:
+    """ConfigError when this scikit-learn is outside the versions the hgb export is tested against."""
+    version = version or _sklearn_version()
+    low, high = HGB_SKLEARN_TESTED
+    if not low <= version < high:
+        raise ConfigError(
+            f"fusion.meta=hgb is exported from scikit-learn internals tested with versions >= {low[0]}.{low[1]} and "
+            f"< {high[0]}.{high[1]}; this environment has {version[0]}.{version[1]}. Install a tested version "
+            "(pip install 'scikit-learn>=1.4,<1.10') or use fusion.meta=logreg or fusion.meta=mlp"
+        )
 
 
 def check_meta(kind: str) -> str:
@@ -63,6 +85,7 @@ def to_spec(kind: str, est: Any) -> dict[str, Any]:
             biases=[b.tolist() for b in est.intercepts_],
         )
     else:
+        check_hgb_export()
         n_out = est.n_trees_per_iteration_
         trees, outputs = [], []
         for iteration in est._predictors:  # the fitted trees; their node arrays are all prediction uses

@@ -227,7 +227,9 @@ class StackingFusion(Fusion):
     def forward(self, probs: torch.Tensor, features: Sequence[torch.Tensor]) -> FusionOutput:
         if self.spec is None:
             return probs.mean(dim=1), None
-        return meta_mod.predict_proba(self.spec, meta_features(probs), self.num_classes), None
+        # float64, as the meta-learner was fitted: float32 rounds split thresholds such as 0.99999997 to 1.0
+        fused = meta_mod.predict_proba(self.spec, meta_features(probs.double()), self.num_classes)
+        return fused.to(probs.dtype), None
 
     def fit(self, probs: torch.Tensor, labels: torch.Tensor, names: Sequence[str] | None = None) -> dict[str, Any]:
         x = meta_features(probs.double()).cpu().numpy()

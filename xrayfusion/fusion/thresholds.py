@@ -10,6 +10,7 @@ from sklearn.metrics import roc_curve
 from torchmetrics import MetricCollection
 
 from xrayfusion.core.errors import ConfigError
+from xrayfusion.core.names import strict_threshold
 
 _SENSITIVITY = re.compile(r"^sensitivity@(0?\.\d+|1(?:\.0*)?)$")
 _HELP = "use metrics.threshold=0.5 (any number in (0, 1)), youden or sensitivity@0.95"
@@ -65,7 +66,7 @@ def choose_threshold(rule: float | str, scores: torch.Tensor | np.ndarray, label
 
 
 def set_threshold(collection: MetricCollection, threshold: float) -> None:
-    """Make every thresholded metric of a binary collection use `threshold` (AUROC and ECE have none)."""
+    """Make every thresholded metric of a binary collection decide p >= `threshold` (AUROC and ECE have none)."""
     for metric in collection.values(copy_state=False):
         if hasattr(metric, "threshold"):
-            metric.threshold = float(threshold)
+            metric.threshold = strict_threshold(threshold)

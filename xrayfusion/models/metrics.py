@@ -15,21 +15,21 @@ from torchmetrics.classification import (
     Specificity,
 )
 
-from xrayfusion.core.names import METRIC_NAMES, predict_labels
+from xrayfusion.core.names import METRIC_NAMES, balanced_accuracy, predict_labels, strict_threshold
 
 
 def metric_collection(num_classes: int, prefix: str = "", threshold: float = 0.5) -> MetricCollection:
-    """METRIC_NAMES: acc, precision, recall (sensitivity), specificity, f1, auroc, ap (average precision),
-    ece (calibration error, 15 bins)."""
+    """METRIC_NAMES but balanced_acc (derived in `compute_values`): acc (plain), precision, recall (sensitivity),
+    specificity, f1, auroc, ap (average precision), ece (calibration error, 15 bins)."""
     if num_classes == 2:
-        kw: dict = {"task": "binary", "threshold": threshold}
+        kw: dict = {"task": "binary", "threshold": strict_threshold(threshold)}  # torchmetrics decides p > t
         ranking: dict = {"task": "binary"}
     else:
         kw = {"task": "multiclass", "num_classes": num_classes, "average": "macro"}
         ranking = {"task": "multiclass", "num_classes": num_classes, "average": "macro"}
     ece_kw = {k: v for k, v in ranking.items() if k != "average"}
     metrics = {
-        "acc": Accuracy(**kw),
+        "acc": Accuracy(**{**kw, "average": "micro"} if num_classes > 2 else kw),
         "precision": Precision(**kw),
         "recall": Recall(**kw),
         "specificity": Specificity(**kw),
@@ -38,8 +38,18 @@ def metric_collection(num_classes: int, prefix: str = "", threshold: float = 0.5
         "ap": AveragePrecision(**ranking),
         "ece": CalibrationError(n_bins=15, **ece_kw),
     }
-    assert tuple(metrics) == METRIC_NAMES, "the collection must hold exactly METRIC_NAMES"
+    assert (*metrics, "balanced_acc") == (*[m for m in METRIC_NAMES if m != "balanced_acc"], "balanced_acc")
     return MetricCollection(metrics, prefix=prefix)
+
+
+def compute_values(collection: MetricCollection, num_classes: int) -> dict[str, torch.Tensor]:
+    """The collection's values with `<prefix>balanced_acc` added: every name of METRIC_NAMES."""
+    values = collection.compute()
+    prefix = collection.prefix or ""
+    values[f"{prefix}balanced_acc"] = balanced_accuracy(
+        values[f"{prefix}recall"], values[f"{prefix}specificity"], num_classes
+    )
+    return values
 
 
 class _DecidedAccuracy(Metric):

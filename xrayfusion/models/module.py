@@ -14,11 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from xrayfusion.core.distributed import gather_rows
 from xrayfusion.core.names import FUSED
 from xrayfusion.fusion import build_fusion
 from xrayfusion.models.backbones import check_input_size, create_backbone, feature_dim, input_stats
-from xrayfusion.models.metrics import metric_collection, metric_input, train_accuracy
+from xrayfusion.models.metrics import compute_values, metric_collection, metric_input, train_accuracy
 
 
 @functools.cache
@@ -48,6 +47,19 @@ def bf16_branch_indices(branches: Sequence[str], bf16_branches: Sequence[str] | 
     return [i for i, b in enumerate(branches) if b in set(bf16_branches)]
 
 
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast_of(trainer_precision: str | int | None) -> str | None:
+    """The autocast a Lightning precision trains in: 'bf16' (bf16-mixed), 'fp16' (16-mixed) or None."""
+    text = str(trainer_precision or "")
+    if text in ("bf16-mixed", "bf16"):
+        return "bf16"
+    if text in ("16-mixed", "16"):
+        return "fp16"
+    return None
+
+
 def branch_keys(names: Sequence[str]) -> list[str]:
     """Unique metric/module-safe keys for branch names (dots become underscores, repeats get _2, _3)."""
     keys: list[str] = []
@@ -67,6 +79,10 @@ class FusionClassifier(pl.LightningModule):
     Inputs are uint8 (B, C, H, W) images; normalisation happens on the device, per branch: the mean/std of its
     ImageNet weights when `pretrained`, else `mean`/`std`. `load_weights=False` rebuilds a pretrained model
     (normalisation included) without reading weight files, e.g. before loading a checkpoint offline.
+    `fusion_fitted_on` says where a fitted fusion was fitted ('holdout' = the validation split, 'oof_cv<K>').
+    `data_split` records what made the training's validation split (seed, val_fraction, digest of its names).
+    `autocast` ('bf16' or 'fp16', from trainer.precision=bf16-mixed / 16-mixed) runs the whole forward under that
+    autocast, wherever the model runs (see `forward`).
     `bf16_branches` names branches whose forward runs under bfloat16 autocast whatever the trainer's precision
     (dense convolutions gain on CPUs with AMX; depthwise ones often lose), so each branch gets its faster precision.
     """
@@ -88,14 +104,19 @@ class FusionClassifier(pl.LightningModule):
         drop_rate: float = 0.0,
         threshold: float = 0.5,
         branch_thresholds: Mapping[str, float] | None = None,
+        fusion_fitted_on: str | None = None,
         channels_last: bool = False,
         compile: bool = False,
         bf16_branches: Sequence[str] = (),
+        autocast: str | None = None,
+        data_split: Mapping[str, Any] | None = None,
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         scheduler: Callable[..., Any] | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "scheduler"], logger=False)
+        if autocast is not None and autocast not in AUTOCAST_DTYPES:
+            raise ValueError(f"autocast={autocast!r} must be one of {list(AUTOCAST_DTYPES)} or None")
         if num_classes < 2:
             raise ValueError(f"num_classes={num_classes}: at least two classes are needed")
         self.keys = branch_keys(list(branches))
@@ -131,12 +152,10 @@ class FusionClassifier(pl.LightningModule):
                 stage: nn.ModuleDict(
                     {k: metric_collection(num_classes, f"{stage}/{k}/", threshold) for k in [*self.keys, FUSED]}
                 )
-                for stage in ("val", "test")
+                for stage in ("val",)  # test results come from the inference path (evaluation.inference)
             }
         )
         self.train_acc = train_accuracy(num_classes, threshold)
-        self.test_outputs: dict[str, torch.Tensor] = {}
-        self._test_store: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         if channels_last:
             self.to(memory_format=torch.channels_last)
         if compile:
@@ -155,7 +174,21 @@ class FusionClassifier(pl.LightningModule):
         return x
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor | None]:
-        """Branch logits and probabilities (B, K, C), fused probabilities (B, C) and fused logits or None."""
+        """Branch logits and probabilities (B, K, C), fused probabilities (B, C) and fused logits or None.
+
+        Runs under the autocast the model was trained in (`autocast`, from trainer.precision=*-mixed), so the
+        run's own validation and test passes, evaluate, predict and the served model compute alike.
+        """
+        with self._model_autocast(x.device):
+            return self._forward(x)
+
+    def _model_autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
+        kind = self.hparams.get("autocast")
+        if not kind:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[kind])
+
+    def _forward(self, x: torch.Tensor) -> dict[str, torch.Tensor | None]:
         shared = self.preprocess(x) if self.shared_stats else None
         features, logits = [], []
         for i, key in enumerate(self.keys):
@@ -164,8 +197,9 @@ class FusionClassifier(pl.LightningModule):
                 features.append(feat)
                 logits.append(self.heads[key](feat))
         stacked = torch.stack(logits, dim=1).float()
-        probs = (stacked / self.temperature.view(1, -1, 1)).softmax(dim=2)
-        fused_probs, fused_logits = self.fusion(probs, [f.float() for f in features])
+        with torch.autocast(x.device.type, enabled=False):  # temperatures and fusion in float32 (stacking: float64)
+            probs = (stacked / self.temperature.view(1, -1, 1)).softmax(dim=2)
+            fused_probs, fused_logits = self.fusion(probs, [f.float() for f in features])
         return {"logits": stacked, "probs": probs, "fused_probs": fused_probs, "fused_logits": fused_logits}
 
     def set_bf16_branches(self, names: Sequence[str] | str) -> None:
@@ -222,7 +256,7 @@ class FusionClassifier(pl.LightningModule):
 
     def _log_collections(self, stage: str) -> None:
         for collection in self.metrics[stage].values():
-            self.log_dict(collection.compute())
+            self.log_dict(compute_values(collection, int(self.hparams.num_classes)))
             collection.reset()
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
@@ -230,22 +264,6 @@ class FusionClassifier(pl.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         self._log_collections("val")
-
-    def on_test_epoch_start(self) -> None:
-        self._test_store = []
-
-    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        out = self._eval_step("test", batch)
-        self._test_store.append(
-            (out["probs"].detach().float().cpu(), out["fused_probs"].detach().float().cpu(), batch[1].cpu())
-        )
-
-    def on_test_epoch_end(self) -> None:
-        self._log_collections("test")
-        if self._test_store:
-            parts = (torch.cat(p) for p in zip(*self._test_store, strict=True))
-            probs, fused, labels = (gather_rows(p, self.device) for p in parts)  # all processes' samples
-            self.test_outputs = {"probs": probs, "fused_probs": fused, "labels": labels}
 
     # ---- optimisation --------------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:

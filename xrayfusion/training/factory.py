@@ -22,6 +22,7 @@ from xrayfusion.core.errors import ConfigError, did_you_mean
 from xrayfusion.data import XRayDataModule
 from xrayfusion.fusion import thresholds
 from xrayfusion.models import FusionClassifier, precision
+from xrayfusion.models.module import autocast_of
 from xrayfusion.training.callbacks import EpochHistory, FiniteLossGuard
 from xrayfusion.training.checkpoints import AtomicCheckpointIO, load_checkpoint
 from xrayfusion.training.finetuning import freeze_callbacks
@@ -50,12 +51,25 @@ def build_model(cfg: DictConfig, dm: XRayDataModule, bf16_branches: Sequence[str
         channels_last=bool(cfg.model.get("channels_last", False)),
         compile=bool(cfg.model.get("compile", False)),
         bf16_branches=configured if bf16_branches is None else list(bf16_branches),
+        autocast=autocast_of(cfg.trainer.get("precision")),  # stored: served in the precision it was tested in
+        data_split=split_record(cfg, dm),
         optimizer=instantiate(cfg.optimizer),
         scheduler=scheduler,
     )
     if bf16_branches is None and configured == precision.AUTO:
         _resolve_auto_bf16(cfg, model)
     return model
+
+
+def split_record(cfg: DictConfig, dm: XRayDataModule) -> dict[str, Any]:
+    """What determines the run's train/val split, stored with the model so `evaluate split=val|train` scores
+    exactly the run's own split: the data seed, val_fraction and a digest of the validation file names."""
+    val = dm.split("val")
+    return {
+        "seed": int(cfg.data.get("seed", 0)),
+        "val_fraction": float(cfg.data.get("val_fraction", 0.15)),
+        "val_digest": val.digest() if val is not None else None,
+    }
 
 
 def _bf16_branches(value: Any) -> list[str] | str:
@@ -122,6 +136,22 @@ def check_trainer_keys(trainer_cfg: Mapping[str, Any]) -> None:
         )
 
 
+def guard_every_n_steps(cfg: DictConfig) -> int:
+    """callbacks.loss_guard.every_n_steps: a number, or auto = 1 for single-process CPU training (a read-back
+    costs nothing there) and 50 on GPUs or under DDP (where each read-back waits for the device or a collective)."""
+    value = (cfg.callbacks.get("loss_guard") or {}).get("every_n_steps", "auto")
+    if value in (None, "auto"):
+        several = int(cfg.trainer.get("num_nodes") or 1) > 1 or cfg.trainer.get("devices", 1) not in (1, "1")
+        return 50 if on_gpu(cfg.trainer.get("accelerator")) or several else 1
+    try:
+        steps = int(value)
+    except (TypeError, ValueError):
+        steps = 0
+    if steps < 1:
+        raise ConfigError(f"callbacks.loss_guard.every_n_steps={value!r} must be a number >= 1 or auto")
+    return steps
+
+
 def build_callbacks(
     cfg: DictConfig, model: FusionClassifier, ckpt_dir: Path
 ) -> tuple[ModelCheckpoint, EpochHistory, list[pl.Callback]]:
@@ -141,7 +171,7 @@ def build_callbacks(
         checkpoint,
         history,
         LearningRateMonitor(logging_interval="epoch"),
-        FiniteLossGuard(),
+        FiniteLossGuard(guard_every_n_steps(cfg)),
     ]
     callbacks += freeze_callbacks(cfg.model, model)
     es = cfg.callbacks.get("early_stopping")

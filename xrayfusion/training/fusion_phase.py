@@ -21,8 +21,9 @@ from pytorch_lightning.loggers import MLFlowLogger
 from xrayfusion import tracking
 from xrayfusion.core.names import FUSED
 from xrayfusion.data import XRayDataModule
+from xrayfusion.evaluation import decisions
 from xrayfusion.evaluation.inference import Predictions, predict
-from xrayfusion.fusion import calibration, crossfit, thresholds
+from xrayfusion.fusion import calibration, crossfit
 from xrayfusion.models import FusionClassifier
 from xrayfusion.training.folds import fold_fit_predict
 
@@ -102,21 +103,16 @@ def fit_fusion(
             out_dir / "oof_predictions.csv", probs, labels, folds, held.names, held.groups, model.keys, dm.class_names
         )
         tracking.log_artifact(logger, path)
+        model.hparams.fusion_fitted_on = "holdout" if n_splits is None else f"oof_cv{n_splits}"
         val = None  # the fused probabilities changed
-    choose_thresholds(cfg.metrics.threshold, model, val or _val(model, dm), logger)
-
-
-def choose_thresholds(rule: Any, model: FusionClassifier, val: Predictions, logger: MLFlowLogger) -> None:
-    """Per branch and fused, the threshold `rule` gives on validation; set on the test metrics and logged."""
-    if model.hparams.num_classes != 2:
-        if not isinstance(thresholds.parse_rule(rule), float):
-            log.warning("metrics.threshold=%s applies to two-class tasks only; using argmax", rule)
-        return
-    chosen = {k: thresholds.choose_threshold(rule, val.probs[:, i, 1], val.labels) for i, k in enumerate(model.keys)}
-    chosen[FUSED] = thresholds.choose_threshold(rule, val.fused[:, 1], val.labels)
-    for key, value in chosen.items():
-        thresholds.set_threshold(model.metrics["test"][key], value)
-    model.hparams.threshold = chosen[FUSED]
-    model.hparams.branch_thresholds = {k: chosen[k] for k in model.keys}  # saved in the checkpoint for evaluate
-    tracking.log_params(logger, {f"threshold/{k}": round(v, 6) for k, v in chosen.items()})
-    log.info("thresholds (metrics.threshold=%s, chosen on validation): %s", rule, chosen)
+    val = val or _val(model, dm)
+    chosen, fused_on = decisions.choose_thresholds(cfg.metrics.threshold, model, val, source.val.groups, int(cfg.seed))
+    tracking.log_params(logger, {"threshold/rule": str(cfg.metrics.threshold), "threshold/chosen_on": "val"})
+    tracking.log_params(logger, {"threshold/fused_chosen_on": fused_on})
+    if chosen:
+        model.hparams.threshold = chosen[FUSED]
+        model.hparams.branch_thresholds = {k: chosen[k] for k in model.keys}  # saved in the checkpoint
+        tracking.log_params(logger, {f"threshold/{k}": round(v, 6) for k, v in chosen.items()})
+    log.info(
+        "thresholds (metrics.threshold=%s, branches on val, fused on %s): %s", cfg.metrics.threshold, fused_on, chosen
+    )

@@ -12,7 +12,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
@@ -21,12 +20,11 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from xrayfusion import tracking
 from xrayfusion.core import runtime
-from xrayfusion.core.names import FUSED, predict_labels
 from xrayfusion.data import SourceData, XRayDataModule
 from xrayfusion.data.skipped import write_skipped_csv
 from xrayfusion.evaluation import plots
 from xrayfusion.evaluation.pyfunc import log_pyfunc_model
-from xrayfusion.evaluation.report import log_test_report
+from xrayfusion.evaluation.report import log_figure, log_test_report
 from xrayfusion.models import FusionClassifier, precision
 from xrayfusion.training import resume as resuming
 from xrayfusion.training import sweep
@@ -67,14 +65,6 @@ def run_status(logger: MLFlowLogger) -> Iterator[None]:
         tracking.set_status(logger, "FAILED")
         raise
     tracking.set_status(logger, "FINISHED")
-
-
-def _log_figure(logger: MLFlowLogger, fig: Any, out_dir: Path, name: str) -> None:
-    if rank_zero_only.rank == 0:  # under DDP every process plots; one writes and logs
-        path = out_dir / name
-        fig.savefig(path, dpi=110)
-        tracking.log_artifact(logger, path, "plots")
-    plots.plt.close(fig)
 
 
 # ---- phases ------------------------------------------------------------------------------------------------
@@ -155,42 +145,28 @@ def save_model(run: Run, parts: TrainerParts) -> Path:
     return final_ckpt
 
 
-def test_and_report(run: Run, parts: TrainerParts) -> None:
-    """The test pass of the final model: metrics, plots, the predictions CSV, intervals and Grad-CAM."""
-    cfg, model, logger, out_dir = run.cfg, run.model, run.logger, run.out_dir
-    parts.trainer.test(model, datamodule=run.dm, verbose=False)
-    outs = model.test_outputs
-    probs_by_model = {k: outs["probs"][:, i] for i, k in enumerate(model.keys)}
-    probs_by_model[FUSED] = outs["fused_probs"]
-    predicted = predict_labels(outs["fused_probs"], float(model.hparams.threshold))
-    class_names = run.source.class_names
-    _log_figure(
-        logger,
-        plots.confusion_matrix_figure(outs["labels"], predicted, class_names),
-        out_dir,
-        "confusion_matrix_test.png",
+def test_and_report(run: Run) -> None:
+    """The final model on the test split, once, through the inference path (rank 0 under DDP): metrics,
+    intervals, `test_predictions.csv`, plots, Grad-CAM."""
+    if rank_zero_only.rank != 0:
+        return
+    cfg = run.cfg
+    log_test_report(
+        run.logger,
+        run.model,
+        run.source.test,
+        run.out_dir,
+        int(cfg.metrics.bootstrap),
+        int(cfg.seed),
+        int(cfg.gradcam.n_images),
+        run.dm.batch_size,
     )
-    _log_figure(logger, plots.roc_figure(outs["labels"], probs_by_model), out_dir, "roc_test.png")
-    if rank_zero_only.rank == 0:  # under DDP: rank zero's share of the test set
-        log_test_report(
-            logger,
-            model,
-            run.source.test,
-            outs,
-            out_dir,
-            int(cfg.metrics.bootstrap),
-            int(cfg.seed),
-            int(cfg.gradcam.n_images),
-        )
-    summary = {k: v for k, v in parts.trainer.callback_metrics.items() if k.startswith("test/")}
-    names = [*model.keys, FUSED]
-    log.info("test: %s", {n: round(float(summary.get(f"test/{n}/auroc", float("nan"))), 4) for n in names})
 
 
 def finish(run: Run, parts: TrainerParts) -> float | None:
     """Training curves and the best value of `optimized_metric` (what sweeps optimise)."""
-    if parts.history.history:
-        _log_figure(run.logger, plots.training_curves_figure(parts.history.history), run.out_dir, "training_curves.png")
+    if parts.history.history and rank_zero_only.rank == 0:
+        log_figure(run.logger, plots.training_curves_figure(parts.history.history), run.out_dir, "training_curves.png")
     score = parts.checkpoint.best_model_score
     best = None if score is None else float(score)
     run.logger.log_metrics(sweep.best_metric(str(run.cfg.optimized_metric), best))
@@ -207,5 +183,5 @@ def train(cfg: DictConfig) -> float | None:
         fit_fusion(cfg, run.model, run.dm, run.logger, run.out_dir)  # calibration, fusion fit, thresholds
         save_model(run, parts)
         if cfg.get("test", True) and run.source.test is not None:
-            test_and_report(run, parts)
+            test_and_report(run)
         return finish(run, parts)

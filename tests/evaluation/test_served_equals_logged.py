@@ -1,0 +1,82 @@
+"""What a run logs for an image equals what evaluate, predict and the served model give for it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+
+from xrayfusion.evaluation.evaluate import evaluate_model
+from xrayfusion.evaluation.loading import load_classifier
+from xrayfusion.evaluation.predict import predict_files
+
+KERMANY = ["data=kermany", "data.image_size=32", "data.batch_size=8", "data.val_fraction=0.25", "data.cache_dir=null"]
+RUN = [
+    *KERMANY,
+    "model=ensemble",
+    "model.branches=[small_cnn,darknet]",
+    "trainer.max_epochs=1",
+    "trainer.enable_progress_bar=false",
+    "metrics.bootstrap=0",
+    "metrics.threshold=youden",
+    "gradcam.n_images=0",
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "extra",
+    [["fusion=stacking"], ["fusion=average", "trainer.precision=bf16-mixed"]],
+    ids=["stacking", "bf16-mixed"],
+)
+def test_logged_test_results_equal_evaluate_predict_and_served(
+    train_task, tracking_uri: str, tmp_path: Path, kermany_root: Path, extra: list[str]
+) -> None:
+    train_task([*RUN, f"data.root={kermany_root}", *extra])
+    client = mlflow.MlflowClient(tracking_uri)
+    [run] = client.search_runs([client.get_experiment_by_name("xrayfusion").experiment_id])
+    logged = pd.read_csv(tmp_path / "outputs/run/test_predictions.csv").set_index("name")
+    ckpt = tmp_path / "outputs/run/checkpoints/best.ckpt"
+    model = load_classifier(ckpt)
+    if "trainer.precision=bf16-mixed" in extra:
+        assert model.hparams.autocast == "bf16"  # stored: served in the precision it was tested in
+
+    # evaluate on the same data config: the same probabilities and exactly the logged metric values
+    data_cfg = {"name": "kermany", "root": str(kermany_root), "val_fraction": 0.25, "batch_size": 8, "seed": 42}
+    results, frame = evaluate_model(model, data_cfg, "test", n_bootstrap=0)
+    frame = frame.set_index("name").loc[logged.index]
+    np.testing.assert_allclose(frame["fused/PNEUMONIA"], logged["fused/PNEUMONIA"], atol=1e-5)
+    for row in results.itertuples():
+        key = f"test/{row.model}/{row.metric}"
+        if np.isfinite(row.value):
+            assert run.data.metrics[key] == row.value, key
+
+    # predict on the image files, and the pyfunc model through MLflow's own CLI
+    paths = [str(kermany_root / "test" / name) for name in logged.index]
+    predicted = predict_files(model, paths).set_index("path")
+    np.testing.assert_allclose(predicted.loc[paths, "fused_prob_PNEUMONIA"], logged["fused/PNEUMONIA"], atol=1e-5)
+    pd.DataFrame({"path": paths}).to_csv(tmp_path / "paths.csv", index=False)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}
+    cli = [sys.executable, "-m", "mlflow", "models", "predict", "-m", f"runs:/{run.info.run_id}/model"]
+    served = subprocess.run(
+        [*cli, "-i", "paths.csv", "-t", "csv", "--env-manager", "local", "-o", "served.json"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert served.returncode == 0, served.stderr[-3000:]
+    out = pd.DataFrame(json.loads((tmp_path / "served.json").read_text())["predictions"]).set_index("path")
+    np.testing.assert_allclose(out.loc[paths, "fused_prob_PNEUMONIA"], logged["fused/PNEUMONIA"], atol=1e-5)
+    # and the decisions: the logged confusion counts are what predict's classes give
+    positive = (predicted.loc[paths, "predicted_class"] == "PNEUMONIA").to_numpy()
+    truth = logged["label"].to_numpy() == 1
+    assert run.data.metrics["test/fused/recall"] == pytest.approx(positive[truth].mean(), abs=1e-12)

@@ -1,0 +1,55 @@
+"""Decision thresholds of a trained ensemble, chosen on validation predictions only (binary tasks).
+
+Branch thresholds come from the branches' validation probabilities (the branches never trained on them).
+The fused threshold does too, unless the fusion itself was fitted on the validation split: then it is
+chosen on cross-fitted fused probabilities (each validation patient predicted by a copy of the fusion
+fitted without it), so no choice is made on predictions the fusion was fitted to.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from xrayfusion.core.names import FUSED
+from xrayfusion.data.splits import grouped_folds
+from xrayfusion.evaluation.inference import Predictions
+from xrayfusion.fusion import thresholds
+from xrayfusion.models import FusionClassifier
+
+INNER_FOLDS = 5
+
+
+def crossfit_fused(
+    model: FusionClassifier, val: Predictions, groups: Sequence[str], seed: int, n_splits: int = INNER_FOLDS
+) -> torch.Tensor:
+    """Out-of-sample fused probabilities (N, C) of validation images for a fusion fitted on them."""
+    k = min(n_splits, len(set(groups)))
+    fused = torch.empty_like(val.fused)
+    for fit_idx, held_idx in grouped_folds(val.labels.tolist(), list(groups), k, seed):
+        fusion = copy.deepcopy(model.fusion)
+        fusion.fit(val.probs[fit_idx], val.labels[fit_idx], names=model.keys)
+        with torch.no_grad():
+            fused[torch.as_tensor(held_idx)] = fusion(val.probs[held_idx], [])[0].float()
+    return fused
+
+
+def choose_thresholds(
+    rule: Any, model: FusionClassifier, val: Predictions, groups: Sequence[str], seed: int
+) -> tuple[dict[str, float], str]:
+    """({model name: threshold}, where the fused one was chosen) for `rule` on validation predictions `val`;
+    ({}, ...) for more than two classes (argmax decides)."""
+    parsed = thresholds.parse_rule(rule)
+    if int(model.hparams.num_classes) != 2:
+        return {}, "argmax"
+    fused, where = val.fused, "val"
+    fitted_on_val = model.fusion.needs_fit and model.hparams.get("fusion_fitted_on") == "holdout"
+    if fitted_on_val and not isinstance(parsed, float):
+        k = min(INNER_FOLDS, len(set(groups)))
+        fused, where = crossfit_fused(model, val, groups, seed, k), f"val_crossfit{k}"
+    chosen = {k: thresholds.choose_threshold(rule, val.probs[:, i, 1], val.labels) for i, k in enumerate(model.keys)}
+    chosen[FUSED] = thresholds.choose_threshold(rule, fused[:, 1], val.labels)
+    return chosen, where
