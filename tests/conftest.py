@@ -64,6 +64,36 @@ def run_cli(tmp_path: Path) -> Callable[..., subprocess.CompletedProcess]:
 
 
 @pytest.fixture
+def cli_in_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture):
+    """Run `python -m xrayfusion.<module> ARGS` in this process (the entry's own `run` wrapper, Hydra and all):
+    returns (exit code, stdout, stderr) like a subprocess would, without its start-up cost."""
+    import importlib
+
+    from hydra.core.global_hydra import GlobalHydra
+
+    from xrayfusion.core.cli import run as run_entry
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.chdir(tmp_path)
+
+    def run(args: Sequence[str], module: str = "train") -> subprocess.CompletedProcess:
+        entry = importlib.import_module("xrayfusion.data.__main__" if module == "data" else f"xrayfusion.{module}")
+        extra = [f"hydra.run.dir={tmp_path}/outputs/run", f"paths.mlruns_dir={tmp_path}/mlruns"]
+        monkeypatch.setattr(sys, "argv", [module, *args, *(extra if module == "train" else [])])
+        GlobalHydra.instance().clear()
+        capfd.readouterr()
+        code = 0
+        try:
+            run_entry(entry.main)
+        except SystemExit as stop:
+            code = stop.code if isinstance(stop.code, int) else 1
+        out = capfd.readouterr()
+        return subprocess.CompletedProcess(sys.argv, code, out.out, out.err)
+
+    return run
+
+
+@pytest.fixture
 def tracking_uri(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path}/mlflow.db"
 

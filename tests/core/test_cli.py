@@ -66,5 +66,7 @@ def test_a_bad_trainer_key_fails_the_run_with_its_reason(run_cli, tracking_uri: 
         ("data", ["data=kermany", "data.root=/no/such/folder"], "data.root=/no/such/folder does not exist"),
     ],
 )
-def test_every_entry_point_prints_one_line_and_exits_2(run_cli, module: str, args: list[str], needle: str) -> None:
-    assert needle in _one_error_line(run_cli(args, module=module))
+def test_every_entry_point_prints_one_line_and_exits_2(
+    cli_in_process, module: str, args: list[str], needle: str
+) -> None:
+    assert needle in _one_error_line(cli_in_process(args, module=module))

@@ -112,12 +112,14 @@ def test_deterministic_training_repeats_exactly(run_cli, tracking_uri: str) -> N
         (["not_a_key=1"], ["not_a_key"]),
     ],
 )
-def test_bad_input_is_one_short_message(run_cli, tmp_path: Path, overrides: list[str], needles: list[str]) -> None:
+def test_bad_input_is_one_short_message(
+    cli_in_process, tmp_path: Path, overrides: list[str], needles: list[str]
+) -> None:
     (tmp_path / "notes.txt").write_text("not an image folder")
     model = [] if any(o.startswith("model") for o in overrides) else ["model.branches=[small_cnn,small_cnn]"]
     own_data = any(o.startswith("data=") for o in overrides)  # then the synthetic set's keys do not exist
     base = [o for o in SMALL_SYNTHETIC if not (own_data and o.startswith("data"))]
-    result = run_cli([*base, *model, *(o.format(tmp=tmp_path) for o in overrides)])
+    result = cli_in_process([*base, *model, *(o.format(tmp=tmp_path) for o in overrides)])
     assert result.returncode == 2, result.stderr[-3000:]
     lines = result.stderr.strip().splitlines()
     assert "Traceback" not in result.stderr and lines[-1].startswith("xrayfusion: error: ")
