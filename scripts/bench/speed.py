@@ -67,6 +67,7 @@ def run(args: argparse.Namespace) -> None:
                 results[c].append(res)
                 print(f"round {r + 1} {c}: wall {res.wall_s:.1f} s, train {res.total_train_s:.1f} s", flush=True)
         print_speed(results, setup, args.epochs)
+        print_guard_cost(device)
 
 
 def _resolve_auto_bf16(cfg: DictConfig, device: torch.device) -> None:
@@ -116,3 +117,44 @@ def print_speed(results: dict[str, list[Result]], setup: Setup, epochs: int) -> 
         first = setup.branches[0]
         lean_first = median([r.train_s[first] for r in results["c"]])
         print(f"| (d) framework overhead, {first}: xrayfusion / lean train | {med['d'][1] / lean_first:.2f}x |")
+
+
+def guard_cost(device: torch.device, every_n_steps: int, steps: int = 2000) -> float:
+    """Microseconds per training step that the non-finite-loss guard adds with `every_n_steps`, on `device`.
+
+    Each step makes a fresh loss on the device (as a training step does) and runs the guard's hook; the
+    read-backs every N steps wait for that loss. A real step queues more work, so on a GPU a read-back can
+    wait longer than here: the figure is the guard's own cost.
+    """
+    import time
+    from types import SimpleNamespace
+
+    from xrayfusion.training.callbacks import FiniteLossGuard
+
+    guard = FiniteLossGuard(every_n_steps)
+    strategy = SimpleNamespace(reduce_boolean_decision=lambda decision, all=True: decision)
+    trainer = SimpleNamespace(global_step=0, strategy=strategy, checkpoint_callback=None, current_epoch=0)
+    x = torch.ones(4096, device=device)
+
+    def loop(n: int, with_guard: bool) -> float:
+        started = time.perf_counter()
+        for step in range(n):
+            trainer.global_step = step
+            loss = (x * 1.0001).sum()
+            if with_guard:
+                guard.on_before_backward(trainer, None, loss)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - started
+
+    loop(200, True)  # warm-up
+    base = min(loop(steps, False) for _ in range(3))
+    guarded = min(loop(steps, True) for _ in range(3))
+    return max(0.0, (guarded - base) / steps * 1e6)
+
+
+def print_guard_cost(device: torch.device) -> None:
+    print("\n| non-finite-loss guard (callbacks.loss_guard.every_n_steps) | us per step |")
+    print("|---|---|")
+    for n, when in ((1, "auto on a single-process CPU run"), (50, "auto on GPUs and under DDP")):
+        print(f"| every {n} step(s): {when} | {guard_cost(device, n):.1f} |")

@@ -45,6 +45,10 @@ def test_speed_prints_contender_and_ratio_tables(kermany_root: Path, tmp_path: P
     ratios = [line for line in lines if line.startswith("| (") and line.rstrip().endswith("x |")]
     assert len(ratios) == 4
     assert any("framework overhead, small_cnn" in r for r in ratios)
+    guard = [line for line in lines if line.startswith("| every ")]
+    assert [row.split(":")[0] for row in guard] == ["| every 1 step(s)", "| every 50 step(s)"]
+    for row in guard:
+        float(row.strip("| ").rsplit("|", 1)[1])  # microseconds per step, a number
 
 
 def _benchmark(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
