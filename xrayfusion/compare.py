@@ -23,6 +23,7 @@ def main(cfg: DictConfig) -> None:
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     uri = tracking.resolve_tracking_uri(cfg.logger.get("tracking_uri"))
+    tracking.require_store(uri)  # read-only: never create an empty store
     experiments = OmegaConf.to_container(cfg.experiment) if OmegaConf.is_list(cfg.experiment) else cfg.experiment
     runs = comparison.search_runs(uri, experiments, dict(cfg.tags), cfg.filter, int(cfg.max_runs))
     if not runs:

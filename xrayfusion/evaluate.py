@@ -21,7 +21,8 @@ def main(cfg: DictConfig) -> None:
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     uri = tracking.resolve_tracking_uri(cfg.logger.get("tracking_uri"))
-    model = loading.resolve_classifier(cfg.run_id, cfg.ckpt_path, uri, cfg.device)
+    run_id = tracking.resolve_run_id(uri, str(cfg.run_id)) if cfg.run_id else None  # a unique prefix is enough
+    model = loading.resolve_classifier(run_id, cfg.ckpt_path, uri, cfg.device)
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
     results, predictions = evaluate.evaluate_model(
         model,
@@ -35,9 +36,9 @@ def main(cfg: DictConfig) -> None:
     prefix = f"eval/{cfg.name}" if cfg.split == "test" else f"eval/{cfg.name}_{cfg.split}"
     print(f"{prefix} ({len(predictions)} images, 95% bootstrap intervals over {cfg.metrics.bootstrap} resamples)")
     print(metrics.results_table(results).to_markdown(index=False))
-    if cfg.log and cfg.run_id:
-        evaluate.log_evaluation(uri, cfg.run_id, prefix, results, predictions)
-        log.info("logged %s/... into run %s", prefix, cfg.run_id)
+    if cfg.log and run_id:
+        evaluate.log_evaluation(uri, run_id, prefix, results, predictions)
+        log.info("logged %s/... into run %s", prefix, run_id)
     elif cfg.log:
         log.info("ckpt_path has no run to log into; printed only")
 

@@ -22,7 +22,8 @@ def main(cfg: DictConfig) -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     paths = predict.expand_inputs(str(cfg.inputs))  # a missing `inputs` fails before the model is loaded
     uri = tracking.resolve_tracking_uri(cfg.logger.get("tracking_uri")) if cfg.run_id else None
-    model = loading.resolve_classifier(cfg.run_id, cfg.ckpt_path, uri, cfg.device)
+    run_id = tracking.resolve_run_id(uri, str(cfg.run_id)) if cfg.run_id else None  # a unique prefix is enough
+    model = loading.resolve_classifier(run_id, cfg.ckpt_path, uri, cfg.device)
     frame = predict.predict_files(model, paths, int(cfg.batch_size))
     frame.to_csv(cfg.output, index=False)
     failed = int(frame["error"].notna().sum())

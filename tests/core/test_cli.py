@@ -60,9 +60,9 @@ def test_a_bad_trainer_key_fails_the_run_with_its_reason(run_cli, tracking_uri: 
     [
         ("train", ["trainer.max_epoch=1"], "did you mean trainer.max_epochs"),
         ("train", ["fusion=stackin"], "fusion=stackin is not an option"),
-        ("compare", ["tags.fusion=stacking"], "experiment='xrayfusion' is not in"),
+        ("compare", ["tags.fusion=stacking"], "no MLflow store at"),
         ("predict", ["run_id=0123abcd"], "inputs is required; pass inputs="),
-        ("evaluate", ["run_id=0123abcd"], "run_id=0123abcd is not a run"),
+        ("evaluate", ["run_id=0123abcd"], "run_id=0123abcd: no MLflow store at"),
         ("data", ["data=kermany", "data.root=/no/such/folder"], "data.root=/no/such/folder does not exist"),
     ],
 )

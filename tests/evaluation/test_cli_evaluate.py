@@ -58,7 +58,7 @@ def test_train_compare_evaluate_predict_serve(run_cli, tracking_uri: str, tmp_pa
     assert client.get_run(stacking).data.metrics == metrics
 
     # evaluate: external-validation style on another synthetic set, logged under eval/<name>/
-    args = [f"run_id={stacking}", "data=synthetic", "data.n_test=48", "data.seed=7", "metrics.bootstrap=100"]
+    args = [f"run_id={stacking[:8]}", "data=synthetic", "data.n_test=48", "data.seed=7", "metrics.bootstrap=100"]
     result = run_cli(args, module="evaluate")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "| fused" in result.stdout and "| darknet" in result.stdout
@@ -76,7 +76,8 @@ def test_train_compare_evaluate_predict_serve(run_cli, tracking_uri: str, tmp_pa
     for i in range(3):
         write_image(tmp_path / "new" / f"img{i}.png", i % 2, size=48, seed=i)
     (tmp_path / "new" / "broken.png").write_bytes(b"")
-    result = run_cli([f"run_id={stacking}", f"inputs={tmp_path / 'new'}", "output=preds.csv"], module="predict")
+    # an 8-character prefix (what compare and the sweep table show) is enough
+    result = run_cli([f"run_id={stacking[:8]}", f"inputs={tmp_path / 'new'}", "output=preds.csv"], module="predict")
     assert result.returncode == 0, result.stderr[-3000:]
     preds = pd.read_csv(tmp_path / "preds.csv")
     assert len(preds) == 4 and preds["error"].notna().sum() == 1

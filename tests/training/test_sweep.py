@@ -57,6 +57,7 @@ def _runs() -> pd.DataFrame:
     return pd.DataFrame(
         {
             "run": ["a", "b", "c"],
+            "run_id": ["0123abcd" + "0" * 24, "8e123456" + "1" * 24, "fedcba98" + "2" * 24],
             "status": ["FINISHED", "FINISHED", "FAILED"],
             "start_time": [1, 2, 3],
             "tags.sweep_job": ["0", "1", "2"],
@@ -76,6 +77,7 @@ def test_summary_table_shows_what_the_sweep_varied_best_first(mode: str, order: 
     assert list(table["run"]) == order
     assert list(table.columns) == [
         "run",
+        "run_id",
         "job",
         "status",
         "fusion/name",
@@ -83,16 +85,16 @@ def test_summary_table_shows_what_the_sweep_varied_best_first(mode: str, order: 
         "test/fused/acc",
     ]
     md = sweep.markdown_table(table).splitlines()
-    assert md[0] == "| run | job | status | fusion/name | best/val/fused/auroc | test/fused/acc |"
-    assert md[2 if mode == "max" else 3] == "| b | 1 | FINISHED | stacking | 0.9 | 0.8 |"
-    assert md[-1].startswith("| c | 2 | FAILED | voting |  |")
+    assert md[0] == "| run | run_id | job | status | fusion/name | best/val/fused/auroc | test/fused/acc |"
+    assert md[2 if mode == "max" else 3] == "| b | 8e123456 | 1 | FINISHED | stacking | 0.9 | 0.8 |"  # not a float
+    assert md[-1].startswith("| c | fedcba98 | 2 | FAILED | voting |  |")
 
 
 def test_summary_of_no_runs_is_an_empty_table(tmp_path: Path) -> None:
     table = sweep.summary_table(pd.DataFrame(), "val/fused/auroc")
-    assert table.empty and list(table.columns) == ["run", "status"]
+    assert table.empty and list(table.columns) == ["run", "run_id", "status"]
     md, csv = sweep.write_summary(table, tmp_path)
-    assert md.read_text().startswith("| run | status |") and csv.exists()
+    assert md.read_text().startswith("| run | run_id | status |") and csv.exists()
 
 
 def test_optuna_search_space_and_seeded_sampler_compose() -> None:

@@ -192,3 +192,51 @@ def set_tags(logger: MLFlowLogger, tags: Mapping[str, Any]) -> None:
     """Set run tags (global rank 0 only)."""
     for key, value in tags.items():
         logger.experiment.set_tag(logger.run_id, key, str(value)[:5000])
+
+
+def require_store(uri: str) -> None:
+    """For read-only commands: a ConfigError when a local SQLite store does not exist, instead of creating an
+    empty one (MlflowClient would), naming where it looked and how to point at the right one."""
+    if not uri.startswith("sqlite:///"):
+        return
+    path = Path(uri[len("sqlite:///") :].split("?", 1)[0])
+    if not path.is_file():
+        raise ConfigError(
+            f"no MLflow store at {path} (the default store is mlruns/mlflow.db relative to the folder you run in, "
+            f"here {Path.cwd()}); run from the folder you trained in, or point at the store with "
+            "MLFLOW_TRACKING_URI=sqlite:////absolute/path/to/mlruns/mlflow.db"
+        )
+
+
+def resolve_run_id(uri: str, run_id: str, key: str = "run_id") -> str:
+    """The full id of the run that `run_id` names: a full 32-character id, or a unique prefix of one (the first
+    8 characters that `compare` and sweep tables show). ConfigError for no match or several, listing them."""
+    from mlflow import MlflowClient
+
+    wanted = str(run_id).strip().lower()
+    if len(wanted) < 4 or any(c not in "0123456789abcdef" for c in wanted):
+        raise ConfigError(f"{key}={run_id} is not a run id or a prefix of one (4 or more hex characters)")
+    try:
+        require_store(uri)
+    except ConfigError as err:
+        raise ConfigError(f"{key}={run_id}: {err}") from err
+    client = MlflowClient(uri)
+    if len(wanted) == 32:
+        return wanted
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    matches, token = [], None
+    while experiments:
+        page = client.search_runs(experiments, max_results=5000, page_token=token)
+        matches += [r for r in page if r.info.run_id.startswith(wanted)]
+        token = page.token
+        if not token:
+            break
+    if len(matches) == 1:
+        return matches[0].info.run_id
+    if not matches:
+        raise ConfigError(
+            f"{key}={run_id} is not a run in {uri} (no run id starts with it); list runs with "
+            "python -m xrayfusion.compare (or MLFLOW_TRACKING_URI points at another store)"
+        )
+    listed = ", ".join(f"{r.info.run_id} ({r.info.run_name})" for r in matches[:10])
+    raise ConfigError(f"{key}={run_id} matches {len(matches)} runs: {listed}; give more characters of the id")

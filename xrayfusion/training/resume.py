@@ -29,6 +29,9 @@ def find_resume(tracking_uri: str, run_id: str) -> Resume:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
+    from xrayfusion.tracking import resolve_run_id
+
+    run_id = resolve_run_id(tracking_uri, run_id, key="resume_run_id")  # a unique prefix is enough
     try:
         run = MlflowClient(tracking_uri).get_run(run_id)
     except MlflowException as err:

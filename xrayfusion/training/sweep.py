@@ -105,12 +105,12 @@ def summary_table(
     Sorted best first by the best-epoch value of `optimized_metric` (runs without it last).
     """
     if runs.empty:
-        return runs.reindex(columns=["run", "status"])
+        return runs.reindex(columns=["run", "run_id", "status"])
     best = f"metrics.{BEST_PREFIX}{optimized_metric}"
     metric_cols = [c for c in (best, *(f"metrics.{m}" for m in metrics)) if c in runs.columns]
     job = ["tags.sweep_job"] if "tags.sweep_job" in runs.columns else []
-    cols = ["run", *job, "status", *varying_params(runs), *metric_cols]
-    table = runs.sort_values("start_time")[cols]
+    cols = ["run", "run_id", *job, "status", *varying_params(runs), *metric_cols]
+    table = runs.assign(run_id=runs["run_id"].str[:8]).sort_values("start_time")[cols]  # a prefix evaluate takes
     if best in table.columns:
         table = table.sort_values(best, ascending=mode == "min", na_position="last", kind="stable")
     table = table.rename(columns=lambda c: c.split(".", 1)[1] if c.startswith(("params.", "metrics.")) else c)
@@ -119,10 +119,11 @@ def summary_table(
 
 
 def markdown_table(table: pd.DataFrame, digits: int = 4) -> str:
-    """A GitHub-flavoured Markdown table; numbers (numeric param strings too) to `digits` significant digits."""
+    """A GitHub-flavoured Markdown table; numbers (numeric param strings too) to `digits` significant digits;
+    run ids stay text (a hex id such as 8e123456 is not a number)."""
 
-    def cell(value: Any) -> str:
-        if isinstance(value, str):
+    def cell(value: Any, column: str = "") -> str:
+        if isinstance(value, str) and column != "run_id":
             try:
                 value = float(value) if any(ch in value for ch in ".e") else value
             except ValueError:
@@ -133,7 +134,10 @@ def markdown_table(table: pd.DataFrame, digits: int = 4) -> str:
 
     header = [str(c) for c in table.columns]
     lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)]
+    lines += [
+        "| " + " | ".join(cell(v, c) for v, c in zip(row, header, strict=True)) + " |"
+        for row in table.itertuples(index=False)
+    ]
     return "\n".join(lines)
 
 
