@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -21,7 +20,6 @@ def main(cfg: DictConfig) -> None:
     from xrayfusion.evaluation import compare as comparison
     from xrayfusion.evaluation.plots import plt
 
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     uri = tracking.resolve_tracking_uri(cfg.logger.get("tracking_uri"))
     tracking.require_store(uri)  # read-only: never create an empty store
     experiments = OmegaConf.to_container(cfg.experiment) if OmegaConf.is_list(cfg.experiment) else cfg.experiment

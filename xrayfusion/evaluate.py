@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -19,7 +18,6 @@ def main(cfg: DictConfig) -> None:
     from xrayfusion import tracking
     from xrayfusion.evaluation import evaluate, loading, metrics
 
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     uri = tracking.resolve_tracking_uri(cfg.logger.get("tracking_uri"))
     run_id = tracking.resolve_run_id(uri, str(cfg.run_id)) if cfg.run_id else None  # a unique prefix is enough
     model = loading.resolve_classifier(run_id, cfg.ckpt_path, uri, cfg.device)

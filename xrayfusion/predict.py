@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 
 import hydra
 from omegaconf import DictConfig
@@ -19,7 +18,6 @@ def main(cfg: DictConfig) -> None:
     from xrayfusion import tracking
     from xrayfusion.evaluation import loading, predict
 
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     paths = predict.expand_inputs(str(cfg.inputs))  # a missing `inputs` fails before the model is loaded
     uri = tracking.resolve_tracking_uri(cfg.logger.get("tracking_uri")) if cfg.run_id else None
     run_id = tracking.resolve_run_id(uri, str(cfg.run_id)) if cfg.run_id else None  # a unique prefix is enough

@@ -7,8 +7,10 @@ Hydra composition errors (an unknown option, a mistyped key, bad override syntax
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import re
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -92,11 +94,39 @@ def one_line_errors(task: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+# library messages that tell a user nothing they can act on (each seen on a tiny run of this project)
+NOISE_WARNINGS = (
+    r".*isinstance\(treespec, LeafSpec\)",  # Lightning's pytree shim on new torch
+    r"The number of training batches .* is smaller than the logging interval",  # tiny data sets
+    r".*Add type hints to the `predict` method",  # MLflow pyfunc: the model takes a DataFrame of paths
+    r".*An input example was not provided when logging the model",
+    r"You defined a `validation_step` but have no `val_dataloader`",
+)
+NOISE_LOG_LINES = {
+    "pytorch_lightning.utilities.rank_zero": ("💡 Tip", "Loading `train_dataloader` to estimate", "TPU available"),
+    "lightning_fabric.utilities.seed": ("Seed set to",),
+    "mlflow.pyfunc": ("Passing a Python object as `python_model`",),
+}
+QUIET_LOGGERS = ("mlflow.store.db.utils", "alembic.runtime.migration")
+
+
+def quiet_libraries() -> None:
+    """Silence the known library noise of a run (warnings and log lines nobody must act on), once per process."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    for pattern in NOISE_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+    for name, prefixes in NOISE_LOG_LINES.items():
+        logging.getLogger(name).addFilter(lambda record, p=prefixes: not record.getMessage().startswith(p))
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def run(main: Callable[[], Any]) -> None:
     """Run a `@hydra.main` function; its errors and Hydra's become one short message and exit 2.
 
     HYDRA_FULL_ERROR=1 set by the user keeps the full traceback.
     """
+    quiet_libraries()
     if os.environ.get("HYDRA_FULL_ERROR") == "1":
         os.environ["XRAYFUSION_FULL_ERROR"] = "1"
         main()

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import logging
+import warnings
+from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import pandas as pd
@@ -34,23 +37,42 @@ REQUIREMENTS = (
 )
 
 
-class EnsembleModel(PythonModel):
-    """pyfunc wrapper: a DataFrame with a `path` column of image files -> the xrayfusion.predict columns.
+@contextmanager
+def _dropping_warning(text: str) -> Iterator[None]:
+    """Drop warnings whose message contains `text` inside the block. MLflow re-enables its UserWarnings with
+    its own `simplefilter` while it checks a model class, so a plain filter does not reach them."""
+    with warnings.catch_warnings():
+        shown = warnings.showwarning
 
-    Each image is read as grey uint8 and resized to the trained size, as in training.
-    """
+        def show(message: Any, *args: Any, **kwargs: Any) -> None:
+            if text not in str(message):
+                shown(message, *args, **kwargs)
 
-    def load_context(self, context: PythonModelContext) -> None:
-        from xrayfusion.evaluation.loading import load_classifier
+        warnings.showwarning = show
+        yield
 
-        self.model = load_classifier(context.artifacts["checkpoint"])
 
-    def predict(self, context, model_input, params=None):  # no type hints: MLflow would treat them as a schema
-        from xrayfusion.evaluation.predict import predict_files
+# MLflow warns at class creation that `predict` has no type hints: it has none on purpose (they would become
+# the served schema), so that warning is for nobody
+with _dropping_warning("Add type hints to the `predict` method"):
 
-        frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame({PATH_COLUMN: model_input})
-        column = PATH_COLUMN if PATH_COLUMN in frame.columns else frame.columns[0]
-        return predict_files(self.model, [str(p) for p in frame[column]])
+    class EnsembleModel(PythonModel):
+        """pyfunc wrapper: a DataFrame with a `path` column of image files -> the xrayfusion.predict columns.
+
+        Each image is read as grey uint8 and resized to the trained size, as in training.
+        """
+
+        def load_context(self, context: PythonModelContext) -> None:
+            from xrayfusion.evaluation.loading import load_classifier
+
+            self.model = load_classifier(context.artifacts["checkpoint"])
+
+        def predict(self, context, model_input, params=None):  # no type hints: MLflow would treat them as a schema
+            from xrayfusion.evaluation.predict import predict_files
+
+            frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame({PATH_COLUMN: model_input})
+            column = PATH_COLUMN if PATH_COLUMN in frame.columns else frame.columns[0]
+            return predict_files(self.model, [str(p) for p in frame[column]])
 
 
 def pip_requirements() -> list[str]:

@@ -75,8 +75,9 @@ def calibrate(model: FusionClassifier, dm: XRayDataModule, logger: MLFlowLogger)
 
 def fit_fusion(
     cfg: DictConfig, model: FusionClassifier, dm: XRayDataModule, logger: MLFlowLogger, out_dir: Path
-) -> None:
-    """Calibrate (fusion.calibrate), fit the fusion (fusion.cv) and choose thresholds (metrics.threshold)."""
+) -> str:
+    """Calibrate (fusion.calibrate), fit the fusion (fusion.cv) and choose thresholds (metrics.threshold);
+    returns where the fused threshold was chosen (`val`, `val_crossfit5`)."""
     source = dm.prepare()
     calibrate_on = bool(cfg.fusion.get("calibrate", False))
     val = calibrate(model, dm, logger) if calibrate_on else None
@@ -116,3 +117,4 @@ def fit_fusion(
     log.info(
         "thresholds (metrics.threshold=%s, branches on val, fused on %s): %s", cfg.metrics.threshold, fused_on, chosen
     )
+    return fused_on

@@ -13,13 +13,16 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
 import pytorch_lightning as pl
+import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import MLFlowLogger
 from pytorch_lightning.utilities import rank_zero_only
 
 from xrayfusion import tracking
 from xrayfusion.core import runtime
+from xrayfusion.core.names import FUSED
 from xrayfusion.data import SourceData, XRayDataModule
 from xrayfusion.data.skipped import write_skipped_csv
 from xrayfusion.evaluation import plots
@@ -49,6 +52,8 @@ class Run:
     out_dir: Path
     ckpt_dir: Path
     resume: resuming.Resume | None
+    test_results: pd.DataFrame | None = None
+    fused_threshold_on: str = "val"
 
 
 def run_name(cfg: DictConfig) -> str:
@@ -99,6 +104,7 @@ def start_run(cfg: DictConfig) -> Run:
     if resume:
         tracking.set_status(logger, "RUNNING")
     log.info("MLflow run %s (experiment %s)", logger.run_id, logger.experiment_id)
+    log.info("model: %s", parameter_summary(model))
     return Run(cfg, dm, source, model, logger, out_dir, ckpt_dir, resume)
 
 
@@ -151,7 +157,7 @@ def test_and_report(run: Run) -> None:
     if rank_zero_only.rank != 0:
         return
     cfg = run.cfg
-    log_test_report(
+    run.test_results = log_test_report(
         run.logger,
         run.model,
         run.source.test,
@@ -163,13 +169,60 @@ def test_and_report(run: Run) -> None:
     )
 
 
+def parameter_summary(model: FusionClassifier) -> str:
+    """'resnet18 11.2 M, small_cnn 0.4 M, fusion 0 (11.6 M parameters, 11.6 M trainable)'."""
+
+    def millions(n: int) -> str:
+        return f"{n / 1e6:.1f} M" if n >= 50_000 else f"{n / 1e3:.1f} K" if n >= 1_000 else str(n)
+
+    def count(module: torch.nn.Module, trainable: bool = False) -> int:
+        return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable)
+
+    parts = [f"{k} {millions(count(model.backbones[k]) + count(model.heads[k]))}" for k in model.keys]
+    parts.append(f"fusion {millions(count(model.fusion))}")
+    return f"{', '.join(parts)} ({millions(count(model))} parameters, {millions(count(model, True))} trainable)"
+
+
+def summary(run: Run) -> str:
+    """What a run prints last: the test table with the thresholds and where they were chosen, the full run id,
+    where its files are, and how to look at it in the MLflow UI."""
+    model, lines = run.model, []
+    results = run.test_results
+    if results is not None and not results.empty:
+        values = results.set_index(["model", "metric"])["value"]
+        thresholds = {**(model.hparams.get("branch_thresholds") or {}), FUSED: model.hparams.threshold}
+        where = f"branches on val, fused on {run.fused_threshold_on}"
+        binary = int(model.hparams.num_classes) == 2
+        rule = run.cfg.metrics.threshold
+        lines.append(
+            f"test split, {len(run.source.test)} images"
+            + (f"; thresholds: metrics.threshold={rule}, chosen on validation ({where})" if binary else "; argmax")
+        )
+        lines.append("| model | threshold | acc | sensitivity | specificity | auroc |")
+        lines.append("|---|---|---|---|---|---|")
+        for name in [*model.keys, FUSED]:
+            cells = [f"{values.get((name, m), float('nan')):.3f}" for m in ("acc", "recall", "specificity", "auroc")]
+            threshold = f"{float(thresholds.get(name, model.hparams.threshold)):.3f}" if binary else "argmax"
+            lines.append(f"| {name} | {threshold} | " + " | ".join(cells) + " |")
+    logger = run.logger
+    info = logger.experiment.get_run(logger.run_id).info
+    lines.append(f"MLflow run {logger.run_id} (experiment {run.cfg.logger.get('experiment_name', 'xrayfusion')})")
+    lines.append(f"artifacts: {info.artifact_uri}")
+    lines.append(f"outputs:   {run.out_dir.resolve()}")
+    uri = tracking.resolve_tracking_uri(run.cfg.logger.get("tracking_uri"))
+    lines.append(f"look at it: mlflow ui --backend-store-uri {uri}" if tracking.is_local(uri) else f"look at it: {uri}")
+    return "\n".join(lines)
+
+
 def finish(run: Run, parts: TrainerParts) -> float | None:
-    """Training curves and the best value of `optimized_metric` (what sweeps optimise)."""
+    """Training curves and the best value of `optimized_metric` (what sweeps optimise); prints the summary."""
     if parts.history.history and rank_zero_only.rank == 0:
         log_figure(run.logger, plots.training_curves_figure(parts.history.history), run.out_dir, "training_curves.png")
     score = parts.checkpoint.best_model_score
     best = None if score is None else float(score)
     run.logger.log_metrics(sweep.best_metric(str(run.cfg.optimized_metric), best))
+    if rank_zero_only.rank == 0:
+        print(summary(run), flush=True)
     return best
 
 
@@ -180,7 +233,7 @@ def train(cfg: DictConfig) -> float | None:
         log_inputs(run)
         parts = build_trainer(cfg, run.model, run.logger, run.ckpt_dir, run.out_dir)
         fit(run, parts)
-        fit_fusion(cfg, run.model, run.dm, run.logger, run.out_dir)  # calibration, fusion fit, thresholds
+        run.fused_threshold_on = fit_fusion(cfg, run.model, run.dm, run.logger, run.out_dir)  # + thresholds
         save_model(run, parts)
         if cfg.get("test", True) and run.source.test is not None:
             test_and_report(run)
