@@ -214,6 +214,18 @@ def summary(run: Run) -> str:
     return "\n".join(lines)
 
 
+def clean_up(run: Run) -> list[Path]:
+    """A finished run needs no resume state: remove its epoch checkpoints and `last.ckpt` (full Lightning
+    checkpoints with optimizer state), keeping `best.ckpt` (weights, fitted fusion, thresholds). Returns what
+    was removed. A killed or failed run keeps everything, so it can be resumed."""
+    removed = []
+    for path in sorted(run.ckpt_dir.glob("*.ckpt")):
+        if path.name != FINAL_CHECKPOINT:
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
 def finish(run: Run, parts: TrainerParts) -> float | None:
     """Training curves and the best value of `optimized_metric` (what sweeps optimise); prints the summary."""
     if parts.history.history and rank_zero_only.rank == 0:
@@ -222,6 +234,8 @@ def finish(run: Run, parts: TrainerParts) -> float | None:
     best = None if score is None else float(score)
     run.logger.log_metrics(sweep.best_metric(str(run.cfg.optimized_metric), best))
     if rank_zero_only.rank == 0:
+        removed = clean_up(run)
+        log.info("removed %d resume checkpoint(s) of the finished run; kept %s", len(removed), FINAL_CHECKPOINT)
         print(summary(run), flush=True)
     return best
 
