@@ -232,3 +232,20 @@ def test_evaluate_threshold_rules_are_chosen_on_the_runs_validation_split(kerman
         assert set(results["model"]) == {"small_cnn", "darknet", "fused"}
     with pytest.raises(ConfigError, match="metrics.threshold='median'"):
         evaluate_model(model, data, split="test", n_bootstrap=0, threshold="median")
+
+
+@pytest.mark.parametrize("ties", [None, 15, 50])
+def test_all_resamples_at_once_equal_compute_metrics_on_each(ties: int | None) -> None:
+    labels, probs = random_predictions(n=150, seed=2)
+    if ties:  # scores on bin edges and shared by many images
+        p1 = torch.round(probs[:, 1] * ties) / ties
+        probs = torch.stack([1 - p1, p1], dim=1)
+    idx = np.random.default_rng(0).integers(0, 150, size=(25, 150))
+    counts = np.zeros_like(idx)
+    np.add.at(counts, (np.arange(25)[:, None], idx), 1)
+    for threshold in (0.5, float(probs[7, 1])):  # a threshold equal to some scores
+        fast = metrics.resampled_binary_metrics(labels, probs, threshold, counts)
+        for b, row in enumerate(idx):
+            one = metrics.compute_metrics(labels[torch.from_numpy(row)], probs[torch.from_numpy(row)], threshold)
+            for name, value in one.items():
+                assert fast[name][b] == pytest.approx(value, abs=1e-6), (b, name)

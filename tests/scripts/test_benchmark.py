@@ -107,3 +107,14 @@ def test_scripts_leave_sys_path_and_pythonpath_alone() -> None:
     for source in sources:
         text = source.read_text()
         assert "sys.path" not in text and "PYTHONPATH" not in text, source.name
+
+
+def test_bootstrap_prints_both_methods_and_that_they_agree(tmp_path: Path) -> None:
+    args = ["bootstrap", "--images=100", "--resamples=50", "--loop-resamples=10", "--models=1"]
+    result = _benchmark(args, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| all ") or line.startswith("| one ")]
+    assert len(rows) == 2
+    [float(r.strip("| ").rsplit("|", 1)[1]) for r in rows]  # seconds, numbers (no timing is asserted)
+    gap = float(result.stdout.rsplit("same resamples: ", 1)[1].split()[0])
+    assert gap < 1e-6

@@ -90,17 +90,69 @@ def compute_metrics(labels: torch.Tensor, probs: torch.Tensor, threshold: float 
     return {name: values[name] for name in METRIC_NAMES}
 
 
+def resampled_binary_metrics(
+    labels: torch.Tensor, probs: torch.Tensor, threshold: float, counts: np.ndarray
+) -> dict[str, np.ndarray]:
+    """Every metric of METRIC_NAMES for many resamples at once (binary tasks): `counts` (B, N) says how often
+    each image is in each resample. Equal to `compute_metrics` on each resample, without a loop over them."""
+    from scipy import sparse
+
+    y = labels.numpy().astype(bool)
+    p = probs[:, 1].float().numpy()
+    w = counts.astype(np.float64)
+    n = w.sum(axis=1)
+    pred = p >= np.float32(threshold)  # the one decision rule, in float32 like predict_labels
+    tp, fp = w @ (pred & y), w @ (pred & ~y)
+    fn, tn = w @ (~pred & y), w @ (~pred & ~y)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = {
+            "acc": (tp + tn) / n,
+            "precision": np.where(tp + fp > 0, tp / (tp + fp), 0.0),
+            "recall": np.where(tp + fn > 0, tp / (tp + fn), 0.0),
+            "specificity": np.where(tn + fp > 0, tn / (tn + fp), 0.0),
+            "f1": np.where(2 * tp + fp + fn > 0, 2 * tp / (2 * tp + fp + fn), 0.0),
+        }
+        out["balanced_acc"] = (out["recall"] + out["specificity"]) / 2
+        # ranking metrics from the weight of positives and negatives at each distinct score
+        unique, inverse = np.unique(p, return_inverse=True)
+        onehot = sparse.csr_matrix((np.ones(len(p)), (np.arange(len(p)), inverse)), shape=(len(p), len(unique)))
+        pos = (sparse.csr_matrix(w * y) @ onehot).toarray()  # (B, K), scores ascending
+        neg = (sparse.csr_matrix(w * ~y) @ onehot).toarray()
+        n_pos, n_neg = pos.sum(axis=1), neg.sum(axis=1)
+        below = np.cumsum(neg, axis=1) - neg  # negatives strictly below each score
+        ranked = (pos * (below + 0.5 * neg)).sum(axis=1)
+        both = (n_pos > 0) & (n_neg > 0)
+        out["auroc"] = np.where(both, ranked / (n_pos * n_neg), np.nan)
+        tp_at = np.cumsum(pos[:, ::-1], axis=1)  # thresholds from the highest score down
+        fp_at = np.cumsum(neg[:, ::-1], axis=1)
+        precision_at = np.where(tp_at + fp_at > 0, tp_at / (tp_at + fp_at), 0.0)
+        out["ap"] = np.where(both, (precision_at * pos[:, ::-1]).sum(axis=1) / n_pos, np.nan)
+        # 15 equal-width confidence bins, exactly as torchmetrics bins them (float32 edges; 1.0 has its own slot)
+        bins = np.searchsorted(torch.linspace(0, 1, 16).numpy(), p, side="right") - 1
+        binned = sparse.csr_matrix((np.ones(len(p)), (np.arange(len(p)), bins)), shape=(len(p), 16))
+        gap = (sparse.csr_matrix(w * p) @ binned).toarray() - (sparse.csr_matrix(w * y) @ binned).toarray()
+        out["ece"] = np.abs(gap).sum(axis=1) / n
+    return {name: out[name] for name in METRIC_NAMES}
+
+
 def bootstrap_intervals(
     labels: torch.Tensor, probs: torch.Tensor, threshold: float, n_resamples: int, seed: int, level: float = 0.95
 ) -> dict[str, tuple[float, float]]:
-    """Percentile bootstrap interval of every metric over `n_resamples` seeded resamples of the images."""
+    """Percentile bootstrap interval of every metric over `n_resamples` seeded resamples of the images.
+
+    Binary tasks score all resamples at once (`resampled_binary_metrics`: about a second for 1,000 resamples of
+    624 images); more classes loop over `compute_metrics`.
+    """
     rng = np.random.default_rng(seed)
     n = len(labels)
-    draws: dict[str, list[float]] = {m: [] for m in EVAL_METRICS}
-    for _ in range(n_resamples):
-        idx = torch.from_numpy(rng.integers(0, n, size=n))
-        for name, value in compute_metrics(labels[idx], probs[idx], threshold).items():
-            draws[name].append(value)
+    idx = rng.integers(0, n, size=(n_resamples, n))
+    if probs.shape[1] == 2:
+        counts = np.zeros((n_resamples, n), dtype=np.int64)
+        np.add.at(counts, (np.arange(n_resamples)[:, None], idx), 1)
+        draws = resampled_binary_metrics(labels, probs, threshold, counts)
+    else:
+        rows = [compute_metrics(labels[torch.from_numpy(i)], probs[torch.from_numpy(i)], threshold) for i in idx]
+        draws = {m: np.asarray([r[m] for r in rows], dtype=float) for m in METRIC_NAMES}
     alpha = (1.0 - level) / 2.0
     intervals = {}
     for name, values in draws.items():
