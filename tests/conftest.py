@@ -117,7 +117,9 @@ def train_task(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[...,
     monkeypatch.chdir(tmp_path)
 
     def run(overrides: Sequence[str]) -> float | None:
-        paths = [f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path}/outputs/run"]
+        paths = [f"paths.root_dir={tmp_path}"]
+        if not any(o.startswith("paths.output_dir=") for o in overrides):
+            paths.append(f"paths.output_dir={tmp_path}/outputs/run")
         return train(compose_config("train", [*overrides, *paths]))
 
     return run

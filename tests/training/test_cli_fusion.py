@@ -83,9 +83,9 @@ def test_holdout_fits_log_what_they_fitted(run_cli, tracking_uri: str, fusion_ar
 
 
 @pytest.mark.slow
-def test_bad_fusion_options_fail_before_training(run_cli) -> None:
-    result = run_cli(["fusion=voting", "+fusion.cv=3", *SMALL_SYNTHETIC])
-    assert result.returncode != 0 and "only applies to fitted fusions" in result.stderr
-    result = run_cli(["fusion=stacking", "metrics.threshold=best", *SMALL_SYNTHETIC])
-    assert result.returncode != 0 and "metrics.threshold='best'" in result.stderr
+def test_bad_fusion_options_fail_before_training(cli_in_process) -> None:
+    result = cli_in_process(["fusion=voting", "+fusion.cv=3", *SMALL_SYNTHETIC])
+    assert result.returncode == 2 and "only applies to fitted fusions" in result.stderr
+    result = cli_in_process(["fusion=stacking", "metrics.threshold=best", *SMALL_SYNTHETIC])
+    assert result.returncode == 2 and "metrics.threshold='best'" in result.stderr
     assert "Traceback" not in result.stderr
