@@ -189,3 +189,19 @@ def test_optuna_sweep_returns_the_objective_to_the_sampler(run_cli, tracking_uri
     assert float(best_run.data.params["optimizer/lr"]) == pytest.approx(results["best_params"]["optimizer.lr"])
     assert results["best_params"]["fusion"] == best_run.data.tags["fusion"]
     assert (sweep_dir / "sweep_summary.csv").exists()
+
+
+@pytest.mark.slow
+def test_submitit_local_runs_a_two_job_sweep_the_way_slurm_would(run_cli, tracking_uri, tmp_path) -> None:
+    """hydra/launcher=submitit_local: each job is a submitit job in its own process, as on a Slurm cluster."""
+    sweep_dir = tmp_path / "multirun"
+    args = ["-m", "hydra/launcher=submitit_local", "fusion=average,voting", "model.branches=[small_cnn,darknet]"]
+    result = run_cli([*args, *SMALL_SYNTHETIC, f"hydra.sweep.dir={sweep_dir}"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Submitit 'local' sweep output dir" in result.stdout + result.stderr
+    runs = _sweep_runs(tracking_uri)
+    assert sorted(r.data.tags["fusion"] for r in runs) == ["average", "voting"]
+    assert all(r.info.status == "FINISHED" for r in runs) and len({r.data.tags["sweep_id"] for r in runs}) == 1
+    assert len(list(sweep_dir.glob(".submitit/*/*_result.pkl"))) == 2  # submitit's own record of each job
+    summary = (sweep_dir / "sweep_summary.md").read_text()
+    assert all(r.info.run_id[:8] in summary for r in runs)  # the run_id column evaluate and predict accept
