@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -49,6 +50,14 @@ def load_grey(path: str | Path, size: int) -> np.ndarray:
     return _load(path, size)[0]
 
 
+def load_grey_bytes(data: bytes, size: int) -> np.ndarray:
+    """The bytes of an image file (PNG, JPEG, ..., or DICOM) as a (size, size) uint8 grey array, decoded exactly
+    as the file would be; raises ValueError with a reason."""
+    if not data:
+        raise ValueError("zero-byte image")
+    return _decode(io.BytesIO(data), data[128:132] == b"DICM", size)[0]
+
+
 def _load(path: str | Path, size: int) -> tuple[np.ndarray, tuple[int, int]]:
     """The (size, size) uint8 grey array and the file's original (width, height)."""
     path = Path(path)
@@ -56,11 +65,15 @@ def _load(path: str | Path, size: int) -> tuple[np.ndarray, tuple[int, int]]:
         raise ValueError("file not found")
     if path.stat().st_size == 0:
         raise ValueError("zero-byte file")
-    if is_dicom(path):
-        grey = Image.fromarray(read_dicom(path), mode="L")
+    return _decode(path, is_dicom(path), size)
+
+
+def _decode(source: Path | io.BytesIO, dicom: bool, size: int) -> tuple[np.ndarray, tuple[int, int]]:
+    if dicom:
+        grey = Image.fromarray(read_dicom(source), mode="L")
     else:
         try:
-            with Image.open(path) as img:
+            with Image.open(source) as img:
                 img.load()
                 grey = _to_grey(img)
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
@@ -87,7 +100,7 @@ def _to_grey(img: Image.Image) -> Image.Image:
     return img.convert("L")
 
 
-def read_dicom(path: str | Path) -> np.ndarray:
+def read_dicom(path: str | Path | io.BytesIO) -> np.ndarray:
     """A DICOM image as uint8 grey: rescale slope/intercept (modality LUT), the file's VOI LUT or window when
     present (else the image's own range), MONOCHROME1 inverted; first frame of multi-frame files."""
     import pydicom

@@ -12,7 +12,7 @@ import torch
 
 from xrayfusion.core.errors import ConfigError
 from xrayfusion.core.names import FUSED, predict_labels
-from xrayfusion.data.decode import IMAGE_SUFFIXES, load_grey
+from xrayfusion.data.decode import IMAGE_SUFFIXES, load_grey, load_grey_bytes
 from xrayfusion.evaluation.inference import predict
 from xrayfusion.models import FusionClassifier
 
@@ -40,14 +40,22 @@ def output_columns(model: FusionClassifier) -> list[str]:
 
 def predict_files(model: FusionClassifier, paths: Sequence[str], batch_size: int = 64) -> pd.DataFrame:
     """Fused probabilities, predicted class and each branch's probabilities per file; unreadable files get an error."""
+    return predict_images_of(model, [(str(p), p) for p in paths], batch_size)
+
+
+def predict_images_of(
+    model: FusionClassifier, items: Sequence[tuple[str, str | bytes]], batch_size: int = 64
+) -> pd.DataFrame:
+    """One row per (name, source): a source is a file path or the bytes of an image file, decoded as training
+    decodes files. Rows of unreadable sources carry the reason in `error` and no probabilities."""
     size = int(model.hparams.image_size)
     classes = list(model.hparams.class_names)
     arrays: list[np.ndarray] = []
     ok: list[int] = []
-    rows: list[dict] = [{"path": str(p), "predicted_class": None, "error": None} for p in paths]
-    for i, p in enumerate(paths):
+    rows: list[dict] = [{"path": name, "predicted_class": None, "error": None} for name, _ in items]
+    for i, (_, source) in enumerate(items):
         try:
-            arrays.append(load_grey(p, size))
+            arrays.append(load_grey_bytes(source, size) if isinstance(source, bytes) else load_grey(source, size))
             ok.append(i)
         except (ValueError, OSError) as err:
             rows[i]["error"] = str(err)

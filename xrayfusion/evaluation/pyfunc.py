@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import logging
 import warnings
 from collections.abc import Iterator
@@ -22,6 +24,7 @@ log = logging.getLogger(__name__)
 
 MODEL_NAME = "model"
 PATH_COLUMN = "path"
+IMAGE_COLUMN = "image"  # base64 of the image file's bytes
 REQUIREMENTS = (
     "torch",
     "torchvision",
@@ -57,9 +60,11 @@ def _dropping_warning(text: str) -> Iterator[None]:
 with _dropping_warning("Add type hints to the `predict` method"):
 
     class EnsembleModel(PythonModel):
-        """pyfunc wrapper: a DataFrame with a `path` column of image files -> the xrayfusion.predict columns.
+        """pyfunc wrapper: a DataFrame with a `path` column (image files on the serving machine) and/or an `image`
+        column (the image file's bytes, base64-encoded: what a REST client has) -> the xrayfusion.predict columns.
 
-        Each image is read as grey uint8 and resized to the trained size, as in training.
+        Each image is decoded as grey uint8 and resized to the trained size, as in training. The rows are JSON-safe:
+        an unreadable image gets its reason as a string in `error` and nulls (never NaN) elsewhere.
         """
 
         def load_context(self, context: PythonModelContext) -> None:
@@ -68,11 +73,33 @@ with _dropping_warning("Add type hints to the `predict` method"):
             self.model = load_classifier(context.artifacts["checkpoint"])
 
         def predict(self, context, model_input, params=None):  # no type hints: MLflow would treat them as a schema
-            from xrayfusion.evaluation.predict import predict_files
+            from xrayfusion.evaluation.predict import predict_images_of
 
             frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame({PATH_COLUMN: model_input})
-            column = PATH_COLUMN if PATH_COLUMN in frame.columns else frame.columns[0]
-            return predict_files(self.model, [str(p) for p in frame[column]])
+            out = predict_images_of(self.model, input_items(frame))
+            return out.astype(object).where(out.notna(), None)
+
+
+def input_items(frame: pd.DataFrame) -> list[tuple[str, str | bytes]]:
+    """(name, source) per row: the base64 `image` bytes when given, else the `path`; bad base64 is an error row."""
+    has_image = IMAGE_COLUMN in frame.columns
+    has_path = PATH_COLUMN in frame.columns
+    if not (has_image or has_path):
+        frame = frame.rename(columns={frame.columns[0]: PATH_COLUMN})
+        has_path = True
+    items: list[tuple[str, str | bytes]] = []
+    for i, row in enumerate(frame.itertuples(index=False)):
+        encoded = getattr(row, IMAGE_COLUMN) if has_image else None
+        path = getattr(row, PATH_COLUMN) if has_path else None
+        if isinstance(encoded, str) and encoded:
+            name = str(path) if isinstance(path, str) and path else f"{IMAGE_COLUMN}[{i}]"
+            try:
+                items.append((name, base64.b64decode(encoded, validate=True)))
+            except (binascii.Error, ValueError):
+                items.append((name, b""))  # decodes to the error row "zero-byte image"
+        else:
+            items.append((str(path), str(path)))
+    return items
 
 
 def pip_requirements() -> list[str]:
@@ -111,7 +138,11 @@ def log_pyfunc_model(tracking_uri: str, run_id: str, ckpt_path: str | Path, regi
             python_model=EnsembleModel(),
             artifacts={"checkpoint": str(ckpt_path)},
             code_paths=[str(Path(xrayfusion.__file__).parent)],
-            signature=ModelSignature(inputs=Schema([ColSpec("string", PATH_COLUMN)])),
+            signature=ModelSignature(
+                inputs=Schema(
+                    [ColSpec("string", PATH_COLUMN, required=False), ColSpec("string", IMAGE_COLUMN, required=False)]
+                )
+            ),
             pip_requirements=pip_requirements(),
             registered_model_name=register_as or None,
         )
