@@ -33,7 +33,7 @@ RUN = [
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "extra",
-    [["fusion=stacking"], ["fusion=average", "trainer.precision=bf16-mixed"]],
+    [["fusion=stacking", "seed=7"], ["fusion=average", "trainer.precision=bf16-mixed"]],
     ids=["stacking", "bf16-mixed"],
 )
 def test_logged_test_results_equal_evaluate_predict_and_served(
@@ -57,6 +57,11 @@ def test_logged_test_results_equal_evaluate_predict_and_served(
         key = f"test/{row.model}/{row.metric}"
         if np.isfinite(row.value):
             assert run.data.metrics[key] == row.value, key
+
+    if "seed=7" in extra:  # evaluate split=val scores exactly the run's validation images, whatever its own seed
+        _, val = evaluate_model(model, data_cfg, "val", n_bootstrap=0)  # data_cfg has seed 42
+        fitted_on = pd.read_csv(tmp_path / "outputs/run/oof_predictions.csv")  # the stacking fit's rows: val
+        assert sorted(val["name"]) == sorted(fitted_on["name"])
 
     # predict on the image files, and the pyfunc model through MLflow's own CLI
     paths = [str(kermany_root / "test" / name) for name in logged.index]

@@ -107,7 +107,7 @@ NOISE_LOG_LINES = {
     "lightning_fabric.utilities.seed": ("Seed set to",),
     "mlflow.pyfunc": ("Passing a Python object as `python_model`",),
 }
-QUIET_LOGGERS = ("mlflow.store.db.utils", "alembic.runtime.migration")
+QUIET_LOGGERS = ("mlflow.store.db.utils", "alembic.runtime.migration", "mlflow.system_metrics")
 
 
 def quiet_libraries() -> None:

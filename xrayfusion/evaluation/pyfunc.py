@@ -6,7 +6,7 @@ import base64
 import binascii
 import logging
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
@@ -125,15 +125,22 @@ def _active_run(tracking_uri: str, run_id: str):
         mlflow.set_tracking_uri(previous)
 
 
-def log_pyfunc_model(tracking_uri: str, run_id: str, ckpt_path: str | Path, register_as: str | None = None) -> str:
-    """Log the checkpoint as a pyfunc model at artifact path `model` of the run (optionally registered).
+def log_pyfunc_model(
+    tracking_uri: str,
+    run_id: str,
+    ckpt_path: str | Path,
+    register_as: str | None = None,
+    aliases: Sequence[str] = (),
+) -> str:
+    """Log the checkpoint as a pyfunc model at artifact path `model` of the run (optionally registered as
+    `register_as`, the new version given each of `aliases`, e.g. `candidate`, for `models:/<name>@candidate`).
 
     Returns the model URI `runs:/<run_id>/model`. The run keeps the status the caller gives it afterwards.
     """
     client = mlflow.MlflowClient(tracking_uri)
     status = client.get_run(run_id).info.status
     with _active_run(tracking_uri, run_id):
-        mlflow.pyfunc.log_model(
+        info = mlflow.pyfunc.log_model(
             name=MODEL_NAME,
             python_model=EnsembleModel(),
             artifacts={"checkpoint": str(ckpt_path)},
@@ -148,6 +155,9 @@ def log_pyfunc_model(tracking_uri: str, run_id: str, ckpt_path: str | Path, regi
         )
     if status == "RUNNING":  # end_run() finished it; the caller still logs to it
         client.update_run(run_id, status="RUNNING")
+    if register_as:
+        for alias in aliases:
+            client.set_registered_model_alias(register_as, alias, info.registered_model_version)
     uri = f"runs:/{run_id}/{MODEL_NAME}"
     log.info("logged pyfunc model %s%s", uri, f" registered as {register_as}" if register_as else "")
     return uri

@@ -8,6 +8,7 @@ from xrayfusion.tracking.runs import (
     flatten,
     is_local,
     log_artifact,
+    log_dataset_inputs,
     log_params,
     prepare_store,
     require_store,
@@ -15,6 +16,7 @@ from xrayfusion.tracking.runs import (
     resolve_tracking_uri,
     set_status,
     set_tags,
+    system_metrics,
 )
 
 __all__ = [
@@ -24,6 +26,7 @@ __all__ = [
     "ensure_experiment",
     "flatten",
     "is_local",
+    "log_dataset_inputs",
     "log_artifact",
     "log_params",
     "prepare_store",
@@ -32,4 +35,5 @@ __all__ = [
     "resolve_tracking_uri",
     "set_status",
     "set_tags",
+    "system_metrics",
 ]

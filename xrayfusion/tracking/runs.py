@@ -7,6 +7,7 @@ import logging
 import os
 import urllib.error
 import urllib.request
+import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -240,3 +241,53 @@ def resolve_run_id(uri: str, run_id: str, key: str = "run_id") -> str:
         )
     listed = ", ".join(f"{r.info.run_id} ({r.info.run_name})" for r in matches[:10])
     raise ConfigError(f"{key}={run_id} matches {len(matches)} runs: {listed}; give more characters of the id")
+
+
+def log_dataset_inputs(logger: MLFlowLogger, name: str, source: str, splits: Mapping[str, Any]) -> None:
+    """Each split the run used as an MLflow dataset input (the UI's Dataset column): name `<data>/<split>`,
+    the data's root as its source, the file list (name, patient, label) as its rows and its digest."""
+    import mlflow
+    import pandas as pd
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+    from mlflow.entities import DatasetInput, InputTag
+
+    on_disk = Path(source).exists()
+    origin = str(Path(source).resolve()) if on_disk else CodeDatasetSource({"xrayfusion.data": source})
+    inputs = []
+    for split, images in splits.items():
+        if images is None:
+            continue
+        frame = pd.DataFrame({"name": images.names, "patient": images.groups, "label": images.labels.tolist()})
+        # the digest of the file names identifies the split across runs (the checkpoint stores it too)
+        with warnings.catch_warnings():  # a local folder "can be interpreted in multiple ways": it is a folder
+            warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
+            warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer")  # labels are ints
+            dataset = mlflow.data.from_pandas(
+                frame, source=origin, targets="label", name=f"{name}/{split}", digest=images.digest()
+            )
+            entity = dataset._to_mlflow_entity()  # infers the schema (and warns about the int labels) here
+        inputs.append(DatasetInput(entity, tags=[InputTag("mlflow.data.context", split)]))
+    if inputs and rank_zero_only.rank == 0:
+        logger.experiment.log_inputs(logger.run_id, datasets=inputs)
+
+
+@contextmanager
+def system_metrics(logger: MLFlowLogger, uri: str, interval_s: float | None) -> Iterator[None]:
+    """CPU, memory, disk and network use (GPU with pynvml) logged as MLflow system metrics (`system/...`) while
+    the block runs; `interval_s=None` turns it off. Without psutil it logs a warning and carries on."""
+    if interval_s is None or rank_zero_only.rank != 0:
+        yield
+        return
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(logger.run_id, sampling_interval=float(interval_s), tracking_uri=uri)
+    except ImportError as err:
+        log.warning("no system metrics (%s); pip install psutil to log them", err)
+        yield
+        return
+    monitor.start()
+    try:
+        yield
+    finally:
+        monitor.finish()

@@ -123,6 +123,9 @@ def log_inputs(run: Run) -> None:
         },
     )
     tracking.log_params(logger, {f"weights/{k}": v or "none" for k, v in run.model.weights_sources.items()})
+    where = str(cfg.data.get("root") or cfg.data.get("path") or "generated in memory")
+    splits = {s: getattr(source, s) for s in ("train", "val", "test")}
+    tracking.log_dataset_inputs(logger, str(cfg.data.name), where, splits)
     logger.log_metrics({"data/skipped": len(source.skipped)})
     if source.skipped:
         tracking.log_artifact(logger, write_skipped_csv(source.skipped, run.out_dir / "skipped_files.csv"))
@@ -147,7 +150,8 @@ def save_model(run: Run, parts: TrainerParts) -> Path:
     tracking.log_artifact(run.logger, final_ckpt, "checkpoints")
     if run.cfg.tracking.log_model and rank_zero_only.rank == 0:
         uri = tracking.resolve_tracking_uri(run.cfg.logger.get("tracking_uri"))
-        log_pyfunc_model(uri, run.logger.run_id, final_ckpt, run.cfg.tracking.get("register_as"))
+        aliases = list(run.cfg.tracking.get("aliases") or [])
+        log_pyfunc_model(uri, run.logger.run_id, final_ckpt, run.cfg.tracking.get("register_as"), aliases)
     return final_ckpt
 
 
@@ -243,7 +247,9 @@ def finish(run: Run, parts: TrainerParts) -> float | None:
 def train(cfg: DictConfig) -> float | None:
     """Run one training; returns the best value of `optimized_metric` (None when never validated)."""
     run = start_run(cfg)
-    with run_status(run.logger):
+    uri = tracking.resolve_tracking_uri(cfg.logger.get("tracking_uri"))
+    interval = cfg.tracking.get("system_metrics_interval_s")
+    with run_status(run.logger), tracking.system_metrics(run.logger, uri, interval):
         log_inputs(run)
         parts = build_trainer(cfg, run.model, run.logger, run.ckpt_dir, run.out_dir)
         fit(run, parts)
