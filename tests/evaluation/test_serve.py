@@ -35,6 +35,10 @@ def test_served_model_takes_base64_images_and_answers_valid_json(train_task, tmp
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = mlflow.MlflowClient(uri)
     [run] = client.search_runs([client.get_experiment_by_name("xrayfusion").experiment_id])
+    local = Path(mlflow.artifacts.download_artifacts(f"runs:/{run.info.run_id}/model", tracking_uri=uri))
+    files = {p.name for p in local.iterdir()}
+    assert {"served_model.py", "input_example.json", "MLmodel"} <= files  # models-from-code with an example
+    assert "python_model.pkl" not in files  # nothing pickled
     good = [write_image(tmp_path / "scans" / f"img{i}.png", i % 2, size=48, seed=i) for i in range(2)]
     rows = [[base64.b64encode(p.read_bytes()).decode(), None] for p in good]
     rows += [[base64.b64encode(b"not an image").decode(), None], ["%%% not base64", None], [None, str(good[0])]]

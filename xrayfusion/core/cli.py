@@ -99,13 +99,12 @@ NOISE_WARNINGS = (
     r".*isinstance\(treespec, LeafSpec\)",  # Lightning's pytree shim on new torch
     r"The number of training batches .* is smaller than the logging interval",  # tiny data sets
     r".*Add type hints to the `predict` method",  # MLflow pyfunc: the model takes a DataFrame of paths
-    r".*An input example was not provided when logging the model",
     r"You defined a `validation_step` but have no `val_dataloader`",
 )
 NOISE_LOG_LINES = {
     "pytorch_lightning.utilities.rank_zero": ("💡 Tip", "Loading `train_dataloader` to estimate", "TPU available"),
     "lightning_fabric.utilities.seed": ("Seed set to",),
-    "mlflow.pyfunc": ("Passing a Python object as `python_model`",),
+    "mlflow.pyfunc": ("Validating input example against model signature",),
 }
 QUIET_LOGGERS = ("mlflow.store.db.utils", "alembic.runtime.migration", "mlflow.system_metrics")
 

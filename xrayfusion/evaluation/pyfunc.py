@@ -102,6 +102,18 @@ def input_items(frame: pd.DataFrame) -> list[tuple[str, str | bytes]]:
     return items
 
 
+def input_example() -> pd.DataFrame:
+    """One self-contained request: a small grey PNG as base64 in the `image` column (what a REST client sends)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.tile(np.arange(0, 256, 8, dtype=np.uint8), (32, 1)), mode="L").save(buffer, format="PNG")
+    return pd.DataFrame({IMAGE_COLUMN: [base64.b64encode(buffer.getvalue()).decode()]})
+
+
 def pip_requirements() -> list[str]:
     """The installed versions of what the model needs to load."""
     reqs = []
@@ -142,7 +154,7 @@ def log_pyfunc_model(
     with _active_run(tracking_uri, run_id):
         info = mlflow.pyfunc.log_model(
             name=MODEL_NAME,
-            python_model=EnsembleModel(),
+            python_model=str(Path(__file__).with_name("served_model.py")),  # models-from-code, no cloudpickle
             artifacts={"checkpoint": str(ckpt_path)},
             code_paths=[str(Path(xrayfusion.__file__).parent)],
             signature=ModelSignature(
@@ -150,6 +162,7 @@ def log_pyfunc_model(
                     [ColSpec("string", PATH_COLUMN, required=False), ColSpec("string", IMAGE_COLUMN, required=False)]
                 )
             ),
+            input_example=input_example(),
             pip_requirements=pip_requirements(),
             registered_model_name=register_as or None,
         )
