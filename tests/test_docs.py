@@ -31,7 +31,14 @@ DOC_FILES = [README, *sorted((REPO / "docs").glob("*.md"))]
 README_MAX_BYTES = 11_000
 
 # entry module -> its Hydra config name (the config_name of its @hydra.main)
-CONFIG_NAMES = {"train": "train", "evaluate": "eval", "compare": "compare", "predict": "predict", "data": "report"}
+CONFIG_NAMES = {
+    "train": "train",
+    "evaluate": "eval",
+    "compare": "compare",
+    "predict": "predict",
+    "data": "report",
+    "export": "export",
+}
 
 COMMAND = re.compile(r"(?:^|\s)(?:\S*/)?python3?\s+-m\s+xrayfusion\.([\w.]+)(.*)$")
 FENCE = re.compile(r"^\s*(```|~~~)")

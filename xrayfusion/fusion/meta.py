@@ -129,7 +129,8 @@ def _hgb_scores(spec: dict[str, Any], x: torch.Tensor) -> torch.Tensor:
     for _ in range(max(t["depth"] for t in trees)):
         f = feature[tree_idx, node]
         xv = x.gather(1, f)
-        go_left = torch.where(torch.isnan(xv), missing_left[tree_idx, node], xv <= threshold[tree_idx, node])
+        missing = torch.isnan(xv)  # boolean algebra instead of where() on booleans: it exports to ONNX
+        go_left = (missing & missing_left[tree_idx, node]) | (~missing & (xv <= threshold[tree_idx, node]))
         nxt = torch.where(go_left, left[tree_idx, node], right[tree_idx, node])
         node = torch.where(leaf[tree_idx, node], node, nxt)
     values = value[tree_idx, node]  # (N, T)

@@ -1,0 +1,43 @@
+"""The whole ensemble as one ONNX model: outputs equal PyTorch's to 1e-4 under onnxruntime."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.evaluation.test_evaluation import save_checkpoint, tiny_model
+from xrayfusion.evaluation import onnx_export
+
+pytest.importorskip("onnxruntime", reason="pip install onnx onnxscript onnxruntime")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fusion", ["average", "stacking-logreg", "stacking-hgb", "concat", "voting"])
+def test_exported_ensemble_matches_pytorch(fusion: str, tmp_path: Path) -> None:
+    name, _, meta = fusion.partition("-")
+    model = tiny_model(name)
+    if meta:
+        model = type(model)(**{**model.hparams, "fusion": {"name": "stacking", "meta": meta}}).eval()
+        gen = torch.Generator().manual_seed(0)
+        labels = torch.randint(0, 2, (200,), generator=gen)
+        model.fusion.fit(torch.rand(200, 2, 2, generator=gen).softmax(2), labels)
+    path = onnx_export.export_onnx(model, tmp_path / "model.onnx")
+    images = torch.randint(0, 256, (5, 1, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    assert onnx_export.onnx_difference(model, path, images) < 1e-4  # a batch size the export never saw
+    described = json.loads(Path(f"{path}.json").read_text())
+    assert described["input"]["shape"] == ["N", 1, 32, 32] and described["branches"] == ["small_cnn", "darknet"]
+    assert described["thresholds"]["fused"] == pytest.approx(0.4)
+
+
+@pytest.mark.slow
+def test_export_command_writes_and_checks_the_file(cli_in_process, tmp_path: Path) -> None:
+    ckpt = save_checkpoint(tiny_model("average"), tmp_path / "best.ckpt")
+    result = cli_in_process([f"ckpt_path={ckpt}", "format=onnx", f"output={tmp_path / 'out.onnx'}"], module="export")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "onnxruntime vs PyTorch on 4 images: max difference" in result.stdout
+    assert (tmp_path / "out.onnx").stat().st_size > 10_000 and (tmp_path / "out.onnx.json").is_file()
+    bad = cli_in_process([f"ckpt_path={ckpt}", "format=tflite"], module="export")
+    assert bad.returncode == 2 and "format=tflite is not supported" in bad.stderr
