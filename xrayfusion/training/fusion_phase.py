@@ -97,14 +97,15 @@ def fit_fusion(
             held, labels, folds = source.train, source.train.labels, (fold_of + 1).tolist()
             logger.log_metrics({"time/crossfit_seconds": time.perf_counter() - started})
         params = model.fusion.fit(probs, labels, names=model.keys)
-        tracking.log_params(logger, {"fusion/fitted_on": "holdout" if n_splits is None else f"oof_cv{n_splits}"})
+        fitted_on = "holdout" if n_splits is None else f"oof_cv{n_splits}"
+        model.hparams.fusion_fitted_on = fitted_on  # stored: evaluate's threshold rules need it
+        tracking.log_params(logger, {"fusion/fitted_on": fitted_on})
         tracking.log_params(logger, params)
         log.info("fusion fitted on %d held-out predictions: %s", len(labels), params)
         path = write_predictions(
             out_dir / "oof_predictions.csv", probs, labels, folds, held.names, held.groups, model.keys, dm.class_names
         )
         tracking.log_artifact(logger, path)
-        model.hparams.fusion_fitted_on = "holdout" if n_splits is None else f"oof_cv{n_splits}"
         val = None  # the fused probabilities changed
     val = val or _val(model, dm)
     chosen, fused_on = decisions.choose_thresholds(cfg.metrics.threshold, model, val, source.val.groups, int(cfg.seed))
