@@ -163,3 +163,26 @@ def assert_logged_test_metrics_recompute(tracking_uri: str, run_id: str) -> None
         for metric, value in compute_metrics(labels, probs, threshold).items():
             if value == value:  # not NaN
                 assert run.data.metrics[f"test/{name}/{metric}"] == pytest.approx(value, abs=1e-6), (name, metric)
+
+
+def mlflow_models_predict(tracking_uri: str, run_id: str, paths: Sequence[str], cwd: Path):
+    """The run's logged pyfunc model on image files through MLflow's own CLI (`mlflow models predict`), no
+    xrayfusion command and no PYTHONPATH: the rows it returns, as a DataFrame."""
+    import json
+
+    import pandas as pd
+
+    pd.DataFrame({"path": list(paths)}).to_csv(cwd / "paths.csv", index=False)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}
+    env.pop("PYTHONPATH", None)
+    cli = [sys.executable, "-m", "mlflow", "models", "predict", "-m", f"runs:/{run_id}/model"]
+    served = subprocess.run(
+        [*cli, "-i", "paths.csv", "-t", "csv", "--env-manager", "local", "-o", "served.json"],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert served.returncode == 0, served.stderr[-3000:]
+    return pd.DataFrame(json.loads((cwd / "served.json").read_text())["predictions"])

@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import mlflow
 import pandas as pd
 import pytest
 
-from tests.conftest import SMALL_SYNTHETIC, write_image
+from tests.conftest import SMALL_SYNTHETIC, mlflow_models_predict, write_image
 from tests.training.test_cli import artifact_paths
 
 FAST = ["model=ensemble", "model.branches=[small_cnn,darknet]", "gradcam.n_images=4"]
@@ -86,22 +82,8 @@ def test_train_compare_evaluate_predict_serve(run_cli, tracking_uri: str, tmp_pa
     assert result.returncode == 2 and "matched no image" in result.stderr and "Traceback" not in result.stderr
 
     # the logged pyfunc model through MLflow's own CLI, no xrayfusion command
-    pd.DataFrame({"path": [str(p) for p in sorted((tmp_path / "new").glob("img*.png"))]}).to_csv(
-        tmp_path / "paths.csv", index=False
-    )
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}
-    env.pop("PYTHONPATH", None)
-    mlflow_cli = [sys.executable, "-m", "mlflow", "models", "predict", "-m", f"runs:/{stacking}/model"]
-    served = subprocess.run(
-        [*mlflow_cli, "-i", "paths.csv", "-t", "csv", "--env-manager", "local", "-o", "served.json"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert served.returncode == 0, served.stderr[-3000:]
-    out = pd.DataFrame(json.loads((tmp_path / "served.json").read_text())["predictions"])
+    paths = [str(p) for p in sorted((tmp_path / "new").glob("img*.png"))]
+    out = mlflow_models_predict(tracking_uri, stacking, paths, tmp_path)
     assert len(out) == 3 and out["fused_prob_pneumonia"].between(0, 1).all()
     direct = preds.dropna(subset=["predicted_class"]).sort_values("path")
     assert list(out["predicted_class"]) == list(direct["predicted_class"])

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import mlflow
@@ -13,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from tests.conftest import mlflow_models_predict
 from xrayfusion.evaluation.evaluate import evaluate_model
 from xrayfusion.evaluation.loading import load_classifier
 from xrayfusion.evaluation.predict import predict_files
@@ -67,19 +64,7 @@ def test_logged_test_results_equal_evaluate_predict_and_served(
     paths = [str(kermany_root / "test" / name) for name in logged.index]
     predicted = predict_files(model, paths).set_index("path")
     np.testing.assert_allclose(predicted.loc[paths, "fused_prob_PNEUMONIA"], logged["fused/PNEUMONIA"], atol=1e-5)
-    pd.DataFrame({"path": paths}).to_csv(tmp_path / "paths.csv", index=False)
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}
-    cli = [sys.executable, "-m", "mlflow", "models", "predict", "-m", f"runs:/{run.info.run_id}/model"]
-    served = subprocess.run(
-        [*cli, "-i", "paths.csv", "-t", "csv", "--env-manager", "local", "-o", "served.json"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert served.returncode == 0, served.stderr[-3000:]
-    out = pd.DataFrame(json.loads((tmp_path / "served.json").read_text())["predictions"]).set_index("path")
+    out = mlflow_models_predict(tracking_uri, run.info.run_id, paths, tmp_path).set_index("path")
     np.testing.assert_allclose(out.loc[paths, "fused_prob_PNEUMONIA"], logged["fused/PNEUMONIA"], atol=1e-5)
     # and the decisions: the logged confusion counts are what predict's classes give
     positive = (predicted.loc[paths, "predicted_class"] == "PNEUMONIA").to_numpy()
