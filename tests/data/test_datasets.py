@@ -401,3 +401,18 @@ def test_build_augment_brightness_and_contrast() -> None:
     torch.manual_seed(0)
     outs = {int(aug(image)[0, 0, 0]) for _ in range(20)}
     assert len(outs) > 5 and min(outs) >= 70 and max(outs) <= 130  # brightness factor within [0.7, 1.3]
+
+
+def test_random_erasing_zeroes_a_rectangle() -> None:
+    import torch
+
+    from xrayfusion.data.transforms import build_augment
+
+    assert build_augment({"enabled": True, "erasing": 0.0}) is None
+    erase = build_augment({"enabled": True, "erasing": 1.0})
+    image = torch.full((1, 64, 64), 200, dtype=torch.uint8)
+    out = erase(image)
+    zeros = out == 0
+    assert 0.02 * 64 * 64 <= int(zeros.sum()) <= 0.2 * 64 * 64 + 64  # one rectangle of 2-20% of the image
+    rows, cols = zeros[0].any(dim=1).nonzero(), zeros[0].any(dim=0).nonzero()
+    assert int(zeros.sum()) == len(rows) * len(cols)  # a filled rectangle, not scattered pixels

@@ -68,3 +68,27 @@ def test_branch_heads_take_the_width_forward_returns() -> None:
     out = model(torch.randint(0, 255, (2, 1, 32, 32), dtype=torch.uint8))
     assert model.heads["vgg11"].in_features == 4096
     assert out["probs"].shape == (2, 2, 2) and out["fused_logits"].shape == (2, 2)
+
+
+def test_tta_flips_averages_each_image_and_its_mirror_in_eval_mode_only(tmp_path) -> None:
+    import torch
+
+    from tests.evaluation.test_evaluation import save_checkpoint
+    from xrayfusion.evaluation.loading import load_classifier
+
+    torch.manual_seed(0)
+    plain = FusionClassifier(["small_cnn", "darknet"], 2, {"name": "average"}, image_size=32).eval()
+    tta = FusionClassifier(**{**plain.hparams, "tta": "flips"})
+    tta.load_state_dict(plain.state_dict())
+    tta.eval()
+    x = torch.randint(0, 256, (4, 1, 32, 32), dtype=torch.uint8)
+    with torch.no_grad():
+        expected = (plain(x)["fused_probs"] + plain(torch.flip(x, dims=[-1]))["fused_probs"]) / 2
+        assert torch.allclose(tta(x)["fused_probs"], expected, atol=1e-6)
+        assert not torch.allclose(tta(x)["fused_probs"], plain(x)["fused_probs"])  # it does change the answer
+        tta.train()
+        assert torch.equal(tta(x)["logits"], plain.train()(x)["logits"])  # training steps never see it
+    loaded = load_classifier(save_checkpoint(tta.eval(), tmp_path / "best.ckpt"))
+    assert loaded.hparams.tta == "flips"  # evaluate, predict and the served model use it too
+    with pytest.raises(ConfigError, match="model.tta='rotate'"):
+        FusionClassifier(["small_cnn"], 2, {"name": "average"}, tta="rotate")

@@ -10,7 +10,7 @@ from torchvision.transforms import v2
 
 
 def build_augment(cfg: Mapping[str, Any] | None) -> v2.Transform | None:
-    """Flip, small affine, brightness and contrast jitter from a config mapping; None when disabled."""
+    """Flip, small affine, brightness and contrast jitter, random erasing from a config mapping; None when disabled."""
     if not cfg or not cfg.get("enabled", True):
         return None
     ops: list[v2.Transform] = []
@@ -30,6 +30,9 @@ def build_augment(cfg: Mapping[str, Any] | None) -> v2.Transform | None:
     contrast, brightness = float(cfg.get("contrast", 0.0)), float(cfg.get("brightness", 0.0))
     if contrast > 0 or brightness > 0:
         ops.append(v2.ColorJitter(brightness=brightness or None, contrast=contrast or None))
+    erasing = float(cfg.get("erasing", 0.0))
+    if erasing > 0:  # a random rectangle of each image set to 0 with this probability (Zhong et al., 2020)
+        ops.append(v2.RandomErasing(p=erasing, scale=(0.02, 0.2), value=0))
     return v2.Compose(ops) if ops else None
 
 

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from xrayfusion.core.errors import ConfigError
 from xrayfusion.core.names import FUSED
 from xrayfusion.fusion import build_fusion
 from xrayfusion.models.backbones import check_input_size, create_backbone, feature_dim, input_stats
@@ -48,6 +49,7 @@ def bf16_branch_indices(branches: Sequence[str], bf16_branches: Sequence[str] | 
 
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+TTA_MODES = ("none", "flips")  # test-time augmentation of every eval-mode forward: validation, test, serving
 
 
 def autocast_of(trainer_precision: str | int | None) -> str | None:
@@ -79,6 +81,8 @@ class FusionClassifier(pl.LightningModule):
     Inputs are uint8 (B, C, H, W) images; normalisation happens on the device, per branch: the mean/std of its
     ImageNet weights when `pretrained`, else `mean`/`std`. `load_weights=False` rebuilds a pretrained model
     (normalisation included) without reading weight files, e.g. before loading a checkpoint offline.
+    `tta='flips'` averages the probabilities of each image and its mirror in eval mode (validation, test,
+    evaluate, predict and the served model alike; training steps never see it).
     `fusion_fitted_on` says where a fitted fusion was fitted ('holdout' = the validation split, 'oof_cv<K>').
     `data_split` records what made the training's validation split (seed, val_fraction, digest of its names).
     `autocast` ('bf16' or 'fp16', from trainer.precision=bf16-mixed / 16-mixed) runs the whole forward under that
@@ -110,11 +114,14 @@ class FusionClassifier(pl.LightningModule):
         bf16_branches: Sequence[str] = (),
         autocast: str | None = None,
         data_split: Mapping[str, Any] | None = None,
+        tta: str = "none",
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         scheduler: Callable[..., Any] | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "scheduler"], logger=False)
+        if tta not in TTA_MODES:
+            raise ConfigError(f"model.tta={tta!r} is unknown; choose one of {list(TTA_MODES)}")
         if autocast is not None and autocast not in AUTOCAST_DTYPES:
             raise ValueError(f"autocast={autocast!r} must be one of {list(AUTOCAST_DTYPES)} or None")
         if num_classes < 2:
@@ -180,7 +187,16 @@ class FusionClassifier(pl.LightningModule):
         run's own validation and test passes, evaluate, predict and the served model compute alike.
         """
         with self._model_autocast(x.device):
-            return self._forward(x)
+            if self.training or self.hparams.get("tta", "none") == "none":
+                return self._forward(x)
+            return self._forward_tta(x)
+
+    def _forward_tta(self, x: torch.Tensor) -> dict[str, torch.Tensor | None]:
+        """Test-time augmentation (`tta=flips`, eval mode only): the mean of the probabilities of the image and
+        its horizontal mirror; logits are those of the image itself (what calibration fits)."""
+        plain, mirrored = self._forward(x), self._forward(torch.flip(x, dims=[-1]))
+        mean = {k: (plain[k] + mirrored[k]) / 2 for k in ("probs", "fused_probs")}
+        return {**plain, **mean}
 
     def _model_autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
         kind = self.hparams.get("autocast")

@@ -9,7 +9,7 @@ from xrayfusion.core.errors import ConfigError
 from xrayfusion.data.registry import check_source_name
 from xrayfusion.fusion.checks import validate_fusion
 from xrayfusion.models.backbones import check_backbone_name
-from xrayfusion.models.module import bf16_branch_indices
+from xrayfusion.models.module import TTA_MODES, bf16_branch_indices
 from xrayfusion.models.pretrained import has_pretrained, resolve_weights
 
 
@@ -23,6 +23,9 @@ def validate(cfg: Mapping[str, Any]) -> None:
     if not branches or isinstance(branches, str):
         raise ConfigError(f"model.branches={branches!r} must be a non-empty list, e.g. 'model.branches=[resnet18]'")
     check_source_name(cfg["data"].get("name"))
+    tta = cfg["model"].get("tta", "none")
+    if tta not in TTA_MODES:
+        raise ConfigError(f"model.tta={tta!r} is unknown; choose one of {list(TTA_MODES)}")
     validate_fusion(cfg, len(branches))
     lr = cfg["optimizer"].get("lr")
     if lr is None or float(lr) <= 0:

@@ -53,6 +53,7 @@ def build_model(cfg: DictConfig, dm: XRayDataModule, bf16_branches: Sequence[str
         bf16_branches=configured if bf16_branches is None else list(bf16_branches),
         autocast=autocast_of(cfg.trainer.get("precision")),  # stored: served in the precision it was tested in
         data_split=split_record(cfg, dm),
+        tta=str(cfg.model.get("tta", "none")),
         optimizer=instantiate(cfg.optimizer),
         scheduler=scheduler,
     )
