@@ -59,3 +59,13 @@ def test_a_fusion_not_fitted_on_validation_chooses_on_validation() -> None:
         assert chosen["fused"] == thresholds.choose_threshold("youden", val.fused[:, 1], val.labels)
     fixed, where = decisions.choose_thresholds(0.3, tiny_model("stacking"), val, groups, seed=0)
     assert fixed == {"small_cnn": 0.3, "darknet": 0.3, "fused": 0.3} and where == "val"
+
+
+def test_too_few_validation_patients_fall_back_in_sample_and_say_so() -> None:
+    model = tiny_model("stacking")
+    val, _ = _val(8)
+    model.fusion.fit(val.probs, val.labels, names=model.keys)
+    model.hparams.fusion_fitted_on = "holdout"
+    chosen, where = decisions.choose_thresholds("youden", model, val, ["p0"] * 8, seed=0)  # one patient
+    assert where == "val_in_sample"
+    assert chosen["fused"] == thresholds.choose_threshold("youden", val.fused[:, 1], val.labels)

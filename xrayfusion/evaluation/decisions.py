@@ -9,11 +9,13 @@ fitted without it), so no choice is made on predictions the fusion was fitted to
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
+from xrayfusion.core.errors import ConfigError
 from xrayfusion.core.names import FUSED
 from xrayfusion.data.splits import grouped_folds
 from xrayfusion.evaluation.inference import Predictions
@@ -21,6 +23,7 @@ from xrayfusion.fusion import thresholds
 from xrayfusion.models import FusionClassifier
 
 INNER_FOLDS = 5
+log = logging.getLogger(__name__)
 
 
 def crossfit_fused(
@@ -49,7 +52,11 @@ def choose_thresholds(
     fitted_on_val = model.fusion.needs_fit and model.hparams.get("fusion_fitted_on") == "holdout"
     if fitted_on_val and not isinstance(parsed, float):
         k = min(INNER_FOLDS, len(set(groups)))
-        fused, where = crossfit_fused(model, val, groups, seed, k), f"val_crossfit{k}"
+        try:
+            fused, where = crossfit_fused(model, val, groups, seed, k), f"val_crossfit{k}"
+        except ConfigError as err:  # too few validation patients (or of one class) to fit the fusion per fold
+            log.warning("fused threshold chosen in-sample on validation: cannot cross-fit the fusion (%s)", err)
+            where = "val_in_sample"
     chosen = {k: thresholds.choose_threshold(rule, val.probs[:, i, 1], val.labels) for i, k in enumerate(model.keys)}
     chosen[FUSED] = thresholds.choose_threshold(rule, fused[:, 1], val.labels)
     return chosen, where
