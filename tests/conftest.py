@@ -125,6 +125,15 @@ def train_task(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[...,
     return run
 
 
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (for the local servers tests start)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 SMALL_SYNTHETIC = [
     "data=synthetic",
     "data.n_train=64",

@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,8 @@ from pathlib import Path
 
 import mlflow
 import pytest
+
+from tests.conftest import SMALL_SYNTHETIC, free_port
 
 CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -32,27 +33,9 @@ CHROME_FLAGS = (
     "--disable-dev-shm-usage",
     "--window-size=2000,900",  # wide enough for the metric column beside the assistant panel
 )
-TINY = [
-    "data=synthetic",
-    "data.n_train=64",
-    "data.n_val=32",
-    "data.n_test=32",
-    "data.image_size=32",
-    "data.batch_size=16",
-    "model=ensemble",
-    "model.branches=[small_cnn,darknet]",
-    "trainer.max_epochs=2",
-    "trainer.enable_progress_bar=false",
-    "metrics.bootstrap=0",
-    "tracking.log_model=false",
-    "gradcam.n_images=0",
-]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+# two epochs so the curves have points; the rest as every tiny training test
+TINY = [*SMALL_SYNTHETIC, "model=ensemble", "model.branches=[small_cnn,darknet]", "trainer.max_epochs=2"]
+TINY += ["metrics.bootstrap=0", "gradcam.n_images=0"]
 
 
 def wait_for(url: str, seconds: float = 240.0) -> None:

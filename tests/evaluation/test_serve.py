@@ -15,8 +15,8 @@ import mlflow
 import numpy as np
 import pytest
 
-from tests.conftest import SMALL_SYNTHETIC, write_image
-from tests.evaluation.test_mlflow_ui import free_port, wait_for
+from tests.conftest import SMALL_SYNTHETIC, free_port, write_image
+from tests.evaluation.test_mlflow_ui import wait_for
 from xrayfusion.evaluation.loading import load_classifier
 from xrayfusion.evaluation.predict import predict_files
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,17 +14,11 @@ import mlflow
 import pytest
 import torch
 
-from tests.conftest import REPO, SMALL_SYNTHETIC
+from tests.conftest import REPO, SMALL_SYNTHETIC, free_port
 from xrayfusion.models import FusionClassifier
 from xrayfusion.training.resume import CHECKPOINT_DIR_TAG, FAILURE_TAG
 
 TINY = [*SMALL_SYNTHETIC, "model=ensemble", "model.branches=[small_cnn,small_cnn]", "fusion=average"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def runs_of(uri: str) -> list:
