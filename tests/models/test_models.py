@@ -92,3 +92,42 @@ def test_tta_flips_averages_each_image_and_its_mirror_in_eval_mode_only(tmp_path
     assert loaded.hparams.tta == "flips"  # evaluate, predict and the served model use it too
     with pytest.raises(ConfigError, match="model.tta='rotate'"):
         FusionClassifier(["small_cnn"], 2, {"name": "average"}, tta="rotate")
+
+
+def test_each_branch_runs_at_its_own_input_size() -> None:
+    model = FusionClassifier(
+        branches=["small_cnn", "darknet"],
+        num_classes=2,
+        fusion={"name": "concat"},
+        image_size=48,
+        branch_sizes={"small_cnn": 32},
+    ).eval()
+    assert model.sizes == [32, 48]
+    seen = {}
+    for key, backbone in model.backbones.items():
+        backbone.register_forward_pre_hook(lambda m, args, key=key: seen.__setitem__(key, tuple(args[0].shape)))
+    images = torch.randint(0, 256, (3, 1, 48, 48), dtype=torch.uint8)
+    with torch.no_grad():
+        out = model(images)
+    assert seen == {"small_cnn": (3, 1, 32, 32), "darknet": (3, 1, 48, 48)}
+    expected = torch.nn.functional.interpolate(
+        model.preprocess(images), size=(32, 32), mode="bilinear", antialias=True, align_corners=False
+    )
+    torch.testing.assert_close(model.branch_input(images, 0), expected)
+    assert out["fused_probs"].shape == (3, 2)
+    with pytest.raises(ConfigError, match="set data.image_size=64"):
+        FusionClassifier(
+            branches=["small_cnn"],
+            num_classes=2,
+            fusion={"name": "average"},
+            image_size=48,
+            branch_sizes={"small_cnn": 64},
+        )
+    with pytest.raises(ConfigError, match="not in model.branches"):
+        FusionClassifier(
+            branches=["small_cnn"],
+            num_classes=2,
+            fusion={"name": "average"},
+            image_size=48,
+            branch_sizes={"resnet18": 32},
+        )

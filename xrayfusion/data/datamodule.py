@@ -38,6 +38,9 @@ class XRayDataModule(pl.LightningDataModule):
         self.num_workers = resolve_workers(self.cfg.get("num_workers", 0))
         self.augment = build_augment(self.cfg.get("augment"))
         self.source: SourceData | None = None
+        # cached features of frozen branches (models/feature_cache.FeatureStore), set by the train run: the train
+        # and val loaders then yield (image, label, index) batches the model looks features up with
+        self.feature_store: Any = None
 
     def prepare(self) -> SourceData:
         """Decode the source once (idempotent); returns it."""
@@ -76,8 +79,15 @@ class XRayDataModule(pl.LightningDataModule):
     def split(self, name: str) -> ImageSet | None:
         return getattr(self.prepare(), name)
 
-    def _loader(self, split: ImageSet, train: bool, distributed: bool = False) -> DataLoader:
-        dataset = TensorDataset(split.images, split.labels, self.augment if train else None)
+    def _loader(self, split: ImageSet, train: bool, distributed: bool = False, indexed: bool = False) -> DataLoader:
+        store = self.feature_store if indexed else None
+        dataset = TensorDataset(
+            split.images,
+            split.labels,
+            self.augment if train else None,
+            with_index=store is not None,
+            images_needed=store is None or store.needs_images,
+        )
         sampler = None if train or not distributed else eval_sampler(dataset, self.trainer)
         if train and self.balance == "sampler":
             per_sample = self.class_weights()[split.labels]
@@ -93,13 +103,13 @@ class XRayDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.prepare().train, train=True)
+        return self._loader(self.prepare().train, train=True, indexed=True)
 
     def val_dataloader(self) -> DataLoader:
         val = self.prepare().val
         if val is None:
             raise ConfigError("the data source has no validation split; set data.val_fraction")
-        return self._loader(val, train=False, distributed=True)
+        return self._loader(val, train=False, distributed=True, indexed=True)
 
     def test_dataloader(self) -> DataLoader:
         test = self.prepare().test

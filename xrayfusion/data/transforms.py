@@ -37,18 +37,35 @@ def build_augment(cfg: Mapping[str, Any] | None) -> v2.Transform | None:
 
 
 class TensorDataset(torch.utils.data.Dataset):
-    """(image uint8 (1, H, W), label) pairs with an optional per-sample augmentation."""
+    """(image uint8 (1, H, W), label) pairs with an optional per-sample augmentation.
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, augment: v2.Transform | None = None):
+    `with_index=True` yields (image, label, index), for models that look cached features up by index;
+    `images=False` (with it: every branch reads cached features) yields a 1x1 placeholder instead of the image,
+    so nothing is copied or augmented."""
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        augment: v2.Transform | None = None,
+        with_index: bool = False,
+        images_needed: bool = True,
+    ):
         self.images = images
         self.labels = labels
         self.augment = augment
+        self.with_index = with_index
+        self.images_needed = images_needed
+        self._placeholder = torch.zeros(images.shape[1], 1, 1, dtype=images.dtype) if images.ndim == 4 else None
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
-    def __getitem__(self, idx: int) -> tuple[torch.Tensor, torch.Tensor]:
-        image = self.images[idx]
-        if self.augment is not None:
-            image = self.augment(image)
-        return image, self.labels[idx]
+    def __getitem__(self, idx: int) -> tuple[torch.Tensor, ...]:
+        if self.images_needed or self._placeholder is None:
+            image = self.images[idx]
+            if self.augment is not None:
+                image = self.augment(image)
+        else:
+            image = self._placeholder
+        return (image, self.labels[idx], idx) if self.with_index else (image, self.labels[idx])

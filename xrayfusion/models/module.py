@@ -62,6 +62,36 @@ def autocast_of(trainer_precision: str | int | None) -> str | None:
     return None
 
 
+def branch_input_sizes(
+    branches: Sequence[str], image_size: int, branch_sizes: Mapping[str, int] | None
+) -> list[int]:
+    """Each branch's input size: its model.branch_sizes entry, else `image_size` (the size images are decoded at).
+    ConfigError for an entry naming no branch or larger than `image_size`."""
+    sizes = {str(k): v for k, v in (branch_sizes or {}).items()}
+    unknown = sorted(set(sizes) - {str(b) for b in branches})
+    if unknown:
+        raise ConfigError(
+            f"model.branch_sizes names {unknown}, which are not in model.branches={list(branches)}; "
+            "give sizes only for branches of this model"
+        )
+    out = []
+    for name in branches:
+        value = sizes.get(str(name), image_size)
+        try:
+            size = int(value)
+        except (TypeError, ValueError):
+            size = 0
+        if size <= 0:
+            raise ConfigError(f"model.branch_sizes.{name}={value!r} must be a positive number of pixels, e.g. 96")
+        out.append(size)
+    if max(out) > image_size:
+        raise ConfigError(
+            f"model.branch_sizes asks for {max(out)} px but data.image_size={image_size}: images are decoded "
+            f"once, at the largest size; set data.image_size={max(out)}"
+        )
+    return out
+
+
 def branch_keys(names: Sequence[str]) -> list[str]:
     """Unique metric/module-safe keys for branch names (dots become underscores, repeats get _2, _3)."""
     keys: list[str] = []
@@ -84,6 +114,9 @@ class FusionClassifier(pl.LightningModule):
     `tta='flips'` averages the probabilities of each image and its mirror in eval mode (validation, test,
     evaluate, predict and the served model alike; training steps never see it).
     `fusion_fitted_on` says where a fitted fusion was fitted ('holdout' = the validation split, 'oof_cv<K>').
+    `branch_sizes` gives a branch its own input size (model.branch_sizes, e.g. {small_cnn: 96}); the others take
+    `image_size`. Images arrive at `image_size` (decoded once, at the largest size) and each branch's copy is
+    resized on the device (bilinear, antialiased), in training and every inference path alike.
     `data_split` records what made the training's validation split (seed, val_fraction, digest of its names).
     `autocast` ('bf16' or 'fp16', from trainer.precision=bf16-mixed / 16-mixed) runs the whole forward under that
     autocast, wherever the model runs (see `forward`).
@@ -115,6 +148,7 @@ class FusionClassifier(pl.LightningModule):
         autocast: str | None = None,
         data_split: Mapping[str, Any] | None = None,
         tta: str = "none",
+        branch_sizes: Mapping[str, int] | None = None,
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         scheduler: Callable[..., Any] | None = None,
     ):
@@ -127,16 +161,17 @@ class FusionClassifier(pl.LightningModule):
         if num_classes < 2:
             raise ValueError(f"num_classes={num_classes}: at least two classes are needed")
         self.keys = branch_keys(list(branches))
+        self.sizes = branch_input_sizes(branches, image_size, branch_sizes)
         self.bf16_keys = frozenset(self.keys[i] for i in bf16_branch_indices(branches, bf16_branches))
         self.backbones = nn.ModuleDict()
         self.heads = nn.ModuleDict()
         self.weights_sources: dict[str, str | None] = {}  # where each branch's pretrained weights came from
         stats = []
-        for name, key in zip(branches, self.keys, strict=True):
+        for i, (name, key) in enumerate(zip(branches, self.keys, strict=True)):
             backbone = create_backbone(
                 name, in_chans, pretrained and load_weights, drop_rate, weights_dir if pretrained else None
             )
-            check_input_size(name, backbone, in_chans, image_size)
+            check_input_size(name, backbone, in_chans, self.sizes[i])
             self.backbones[key] = backbone
             self.heads[key] = nn.Linear(feature_dim(backbone), num_classes)
             self.weights_sources[key] = backbone.weights_source
@@ -180,22 +215,34 @@ class FusionClassifier(pl.LightningModule):
             x = x.contiguous(memory_format=torch.channels_last)
         return x
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor | None]:
+    def forward(
+        self,
+        x: torch.Tensor,
+        features: Mapping[str, torch.Tensor] | None = None,
+        mirrored: Mapping[str, torch.Tensor] | None = None,
+    ) -> dict[str, torch.Tensor | None]:
         """Branch logits and probabilities (B, K, C), fused probabilities (B, C) and fused logits or None.
 
         Runs under the autocast the model was trained in (`autocast`, from trainer.precision=*-mixed), so the
         run's own validation and test passes, evaluate, predict and the served model compute alike.
+        `features` (and, for `tta=flips`, `mirrored`: those of the mirrored images) are cached pooled features
+        of frozen branches by branch key, used in place of running those backbones (model.feature_cache).
         """
         with self._model_autocast(x.device):
             if self.training or self.hparams.get("tta", "none") == "none":
-                return self._forward(x)
-            return self._forward_tta(x)
+                return self._forward(x, features)
+            return self._forward_tta(x, features, mirrored)
 
-    def _forward_tta(self, x: torch.Tensor) -> dict[str, torch.Tensor | None]:
+    def _forward_tta(
+        self,
+        x: torch.Tensor,
+        features: Mapping[str, torch.Tensor] | None = None,
+        mirrored: Mapping[str, torch.Tensor] | None = None,
+    ) -> dict[str, torch.Tensor | None]:
         """Test-time augmentation (`tta=flips`, eval mode only): the mean of the probabilities of the image and
         its horizontal mirror; logits are those of the image itself (what calibration fits)."""
-        plain, mirrored = self._forward(x), self._forward(torch.flip(x, dims=[-1]))
-        mean = {k: (plain[k] + mirrored[k]) / 2 for k in ("probs", "fused_probs")}
+        plain, flipped = self._forward(x, features), self._forward(torch.flip(x, dims=[-1]), mirrored)
+        mean = {k: (plain[k] + flipped[k]) / 2 for k in ("probs", "fused_probs")}
         return {**plain, **mean}
 
     def _model_autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
@@ -204,19 +251,53 @@ class FusionClassifier(pl.LightningModule):
             return contextlib.nullcontext()
         return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[kind])
 
-    def _forward(self, x: torch.Tensor) -> dict[str, torch.Tensor | None]:
-        shared = self.preprocess(x) if self.shared_stats else None
-        features, logits = [], []
+    def branch_input(self, x: torch.Tensor, branch: int, prepared: dict | None = None) -> torch.Tensor:
+        """Branch `branch`'s input: `x` normalised with its statistics and resized to its size (on the device).
+        `prepared` shares the work between branches with the same statistics and size within one forward."""
+        prepared = {} if prepared is None else prepared
+        stats = 0 if self.shared_stats else branch
+        size = self.sizes[branch]
+        if (stats, size) not in prepared:
+            if (stats, None) not in prepared:
+                prepared[(stats, None)] = self.preprocess(x, stats)
+            full = prepared[(stats, None)]
+            prepared[(stats, size)] = full if tuple(full.shape[-2:]) == (size, size) else self._resize(full, size)
+        return prepared[(stats, size)]
+
+    def _resize(self, x: torch.Tensor, size: int) -> torch.Tensor:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def branch_features(self, x: torch.Tensor, branch: int, prepared: dict | None = None) -> torch.Tensor:
+        """Pooled features of branch `branch` for uint8 images `x` (under the branch's precision)."""
+        key = self.keys[branch]
+        with self._branch_autocast(key, x.device):
+            return self.backbones[key](self.branch_input(x, branch, prepared))
+
+    def _forward(
+        self, x: torch.Tensor, features: Mapping[str, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor | None]:
+        prepared: dict = {}
+        feats, logits = [], []
         for i, key in enumerate(self.keys):
+            if features is not None and key in features:  # a frozen branch's cached features (feature_cache.py)
+                feat = self._cached(key, features[key])
+            else:
+                feat = self.branch_features(x, i, prepared)
             with self._branch_autocast(key, x.device):
-                feat = self.backbones[key](shared if shared is not None else self.preprocess(x, i))
-                features.append(feat)
+                feats.append(feat)
                 logits.append(self.heads[key](feat))
         stacked = torch.stack(logits, dim=1).float()
         with torch.autocast(x.device.type, enabled=False):  # temperatures and fusion in float32 (stacking: float64)
             probs = (stacked / self.temperature.view(1, -1, 1)).softmax(dim=2)
-            fused_probs, fused_logits = self.fusion(probs, [f.float() for f in features])
+            fused_probs, fused_logits = self.fusion(probs, [f.float() for f in feats])
         return {"logits": stacked, "probs": probs, "fused_probs": fused_probs, "fused_logits": fused_logits}
+
+    def _cached(self, key: str, feat: torch.Tensor) -> torch.Tensor:
+        """Cached pooled features as the live frozen backbone would give them: its dropout on the pooled
+        features (timm's `drop_rate`) still applies in training."""
+        rate = float(getattr(self.backbones[key], "drop_rate", 0.0) or 0.0)
+        return F.dropout(feat, p=rate, training=True) if self.training and rate > 0 else feat
 
     def set_bf16_branches(self, names: Sequence[str] | str) -> None:
         """Run these branches in bfloat16 autocast from now on (saved with the checkpoint's hyperparameters)."""
@@ -250,9 +331,18 @@ class FusionClassifier(pl.LightningModule):
         return branch_loss
 
     # ---- steps ---------------------------------------------------------------------------------------
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        out = self(x)
+    def _unpack(self, batch: Sequence[torch.Tensor], split: str) -> tuple[torch.Tensor, torch.Tensor, Any, Any]:
+        """(images, labels, cached features, mirrored cached features) of a batch; the features come from the
+        datamodule's feature store when its loaders yield (image, label, index) batches (model.feature_cache)."""
+        if len(batch) == 2:
+            return batch[0], batch[1], None, None
+        x, y, index = batch
+        features, mirrored = self.trainer.datamodule.feature_store.lookup(split, index, y.device)
+        return x, y, features, mirrored
+
+    def training_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y, features, _ = self._unpack(batch, "train")
+        out = self(x, features)
         loss = self._loss(out, y)
         self.train_acc.update(out["fused_probs"].detach(), y)
         self.log("train/loss", loss, on_step=False, on_epoch=True, batch_size=len(y), sync_dist=True)
@@ -260,9 +350,9 @@ class FusionClassifier(pl.LightningModule):
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, batch_size=len(y))
         return loss
 
-    def _eval_step(self, stage: str, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor | None]:
-        x, y = batch
-        out = self(x)
+    def _eval_step(self, stage: str, batch: Sequence[torch.Tensor]) -> dict[str, torch.Tensor | None]:
+        x, y, features, mirrored = self._unpack(batch, stage)
+        out = self(x, features, mirrored)
         self.log(f"{stage}/loss", self._loss(out, y), on_step=False, on_epoch=True, batch_size=len(y), sync_dist=True)
         collections = self.metrics[stage]
         for i, key in enumerate(self.keys):

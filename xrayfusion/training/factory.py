@@ -54,12 +54,23 @@ def build_model(cfg: DictConfig, dm: XRayDataModule, bf16_branches: Sequence[str
         autocast=autocast_of(cfg.trainer.get("precision")),  # stored: served in the precision it was tested in
         data_split=split_record(cfg, dm),
         tta=str(cfg.model.get("tta", "none")),
+        branch_sizes=_branch_sizes(cfg.model.get("branch_sizes")),
         optimizer=instantiate(cfg.optimizer),
         scheduler=scheduler,
     )
     if bf16_branches is None and configured == precision.AUTO:
         _resolve_auto_bf16(cfg, model)
     return model
+
+
+def _branch_sizes(value: Any) -> dict[str, int] | None:
+    if not value:
+        return None
+    if not isinstance(value, Mapping):
+        raise ConfigError(
+            f"model.branch_sizes={value!r} must map branch names to sizes, e.g. 'model.branch_sizes={{small_cnn: 96}}'"
+        )
+    return {str(k): v for k, v in value.items()}
 
 
 def split_record(cfg: DictConfig, dm: XRayDataModule) -> dict[str, Any]:

@@ -126,3 +126,17 @@ def freeze_callbacks(model_cfg: Mapping[str, Any], model: pl.LightningModule) ->
     scale = float(model_cfg.get("backbone_lr_scale", 0.1))
     log.info("freezing backbones %s for %d epoch(s), trainable_layers=%s, lr x %g", keys, epochs, layers, scale)
     return [BackboneFreeze(epochs, None if layers is None else int(layers), scale, keys)]
+
+
+def frozen_for_whole_run(model_cfg: Mapping[str, Any], model: pl.LightningModule, max_epochs: int | None) -> list[str]:
+    """Keys of the branches whose backbone never trains in this run: the pretrained branches `freeze_callbacks`
+    freezes, when `model.trainable_layers=0` (nothing ever unfreezes) or `model.freeze_backbone_epochs` covers
+    every epoch. What model.feature_cache may cache."""
+    epochs = int(model_cfg.get("freeze_backbone_epochs") or 0)
+    layers = model_cfg.get("trainable_layers")
+    if not epochs and layers is None:
+        return []
+    never_unfrozen = layers is not None and int(layers) == 0
+    if not never_unfrozen and not (max_epochs is not None and max_epochs > 0 and epochs >= max_epochs):
+        return []
+    return [k for k, source in model.weights_sources.items() if source]

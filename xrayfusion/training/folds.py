@@ -58,6 +58,8 @@ def fold_fit_predict(
         started = time.perf_counter()
         fold_dm = XRayDataModule(dm.cfg)
         fold_dm.source = SourceData(source.class_names, train.subset(train_idx), source.val, None)
+        if dm.feature_store is not None:  # the fold reads the cached features of its own training images
+            fold_dm.feature_store = dm.feature_store.subset_train(train_idx)
         pl.seed_everything(int(cfg.seed) + 1 + fold, workers=True)
         model = build_model(cfg, fold_dm, bf16_branches=bf16_branches)
         tags = {"mlflow.parentRunId": parent.run_id, "fold": str(fold + 1), "fusion": str(cfg.fusion.name)}

@@ -22,6 +22,7 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from xrayfusion import tracking
 from xrayfusion.core import runtime
+from xrayfusion.core.errors import ConfigError
 from xrayfusion.core.names import FUSED
 from xrayfusion.data import SourceData, XRayDataModule
 from xrayfusion.data.skipped import write_skipped_csv
@@ -29,10 +30,12 @@ from xrayfusion.evaluation import plots
 from xrayfusion.evaluation.pyfunc import log_pyfunc_model
 from xrayfusion.evaluation.report import log_figure, log_test_report
 from xrayfusion.models import FusionClassifier, precision
+from xrayfusion.models.feature_cache import build_store
 from xrayfusion.training import resume as resuming
 from xrayfusion.training import sweep
 from xrayfusion.training.config import validate
 from xrayfusion.training.factory import TrainerParts, bf16_param, build_model, build_trainer, restore_best, trainer_bf16
+from xrayfusion.training.finetuning import frozen_for_whole_run
 from xrayfusion.training.fusion_phase import fit_fusion
 
 log = logging.getLogger(__name__)
@@ -132,6 +135,44 @@ def log_inputs(run: Run) -> None:
     config_path = run.out_dir / "config.yaml"
     OmegaConf.save(cfg, config_path, resolve=True)
     tracking.log_artifact(logger, config_path)
+
+
+def cache_features(run: Run) -> None:
+    """model.feature_cache=true: the pooled features of the branches frozen for the whole run, computed once
+    (or read from data.cache_dir/features), so training runs only heads, fusion and trainable branches."""
+    cfg, dm = run.cfg, run.dm
+    if not cfg.model.get("feature_cache"):
+        return
+    keys = frozen_for_whole_run(cfg.model, run.model, cfg.trainer.get("max_epochs"))
+    if not keys:
+        raise ConfigError(
+            "model.feature_cache=true but no branch is frozen for the whole run; set model.trainable_layers=0 "
+            "(pretrained branches stay frozen) or model.freeze_backbone_epochs >= trainer.max_epochs"
+        )
+    views = int(cfg.model.get("feature_cache_views") or 0)
+    store, report = build_store(
+        run.model,
+        keys,
+        run.source.train,
+        run.source.val,
+        cfg.data.get("cache_dir"),
+        views=views,
+        augment=dm.augment,
+        seed=int(cfg.seed),
+        batch_size=dm.batch_size,
+    )
+    dm.feature_store = store
+    augmentation = f"{views} fixed augmented views per image" if views else "none (un-augmented images)"
+    tracking.log_params(
+        run.logger,
+        {
+            "feature_cache/branches": ",".join(keys),
+            "feature_cache/augmentation": augmentation,
+            "feature_cache/read": ",".join(report.hits) or "none",
+            "feature_cache/computed": ",".join(report.misses) or "none",
+        },
+    )
+    run.logger.log_metrics({"time/feature_cache_seconds": report.seconds})
 
 
 def fit(run: Run, parts: TrainerParts) -> None:
@@ -251,6 +292,7 @@ def train(cfg: DictConfig) -> float | None:
     interval = cfg.tracking.get("system_metrics_interval_s")
     with run_status(run.logger), tracking.system_metrics(run.logger, uri, interval):
         log_inputs(run)
+        cache_features(run)
         parts = build_trainer(cfg, run.model, run.logger, run.ckpt_dir, run.out_dir)
         fit(run, parts)
         run.fused_threshold_on = fit_fusion(cfg, run.model, run.dm, run.logger, run.out_dir)  # + thresholds
