@@ -6,6 +6,7 @@
     python scripts/benchmark.py profile   # where the time of one joint training step goes (torch.profiler)
     python scripts/benchmark.py quality   # trains experiment=kermany_cpu, prints the Kermany test table
     python scripts/benchmark.py bootstrap # evaluate's bootstrap intervals: all resamples at once vs a loop
+    python scripts/benchmark.py feature-cache  # the same ensemble with and without model.feature_cache
     python scripts/benchmark.py speed --device cuda   # GPU: bf16 + channels-last at 224 px
 
 Every contender trains the same models (timm, 1-channel input, fresh weights), at the same image size, batch size
@@ -18,7 +19,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from bench import bootstrap, precision, profile, quality, speed, switches
+from bench import bootstrap, feature_cache, precision, profile, quality, speed, switches
 
 # one module per subcommand (scripts/bench/), each with add_arguments(parser) and run(args)
 COMMANDS = {
@@ -28,6 +29,7 @@ COMMANDS = {
     "precision": precision,
     "quality": quality,
     "bootstrap": bootstrap,
+    "feature-cache": feature_cache,
 }
 
 

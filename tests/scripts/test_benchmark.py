@@ -118,3 +118,36 @@ def test_bootstrap_prints_both_methods_and_that_they_agree(tmp_path: Path) -> No
     [float(r.strip("| ").rsplit("|", 1)[1]) for r in rows]  # seconds, numbers (no timing is asserted)
     gap = float(result.stdout.rsplit("same resamples: ", 1)[1].split()[0])
     assert gap < 1e-6
+
+
+@pytest.mark.slow
+def test_feature_cache_prints_live_and_cached_runs_side_by_side(kermany_root: Path, tmp_path: Path) -> None:
+    import timm
+    import torch
+
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    torch.save(timm.create_model("efficientnet_lite0").state_dict(), weights / "efficientnet_lite0_test.pth")
+    args = ["feature-cache", f"--data-root={kermany_root}", f"--weights-dir={weights}", "--epochs=2"]
+    overrides = [
+        "model.branches=[efficientnet_lite0,small_cnn]",
+        "model.branch_sizes=null",
+        "data.image_size=32",
+        "data.batch_size=8",
+        "metrics.bootstrap=0",
+        "data.val_fraction=0.25",
+    ]
+    result = _benchmark([*args, *overrides], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {
+        r.split("|")[1].strip(): [c.strip() for c in r.strip("|").split("|")]
+        for r in result.stdout.splitlines()
+        if r.startswith("| live") or r.startswith("| cached")
+    }
+    assert list(rows) == ["live", "cached", "cached-1-epoch"]
+    assert rows["live"][2] == "-" and float(rows["cached"][2]) >= 0  # only cached runs have a feature pass
+    assert rows["cached"][1] == "2" and rows["cached-1-epoch"][1] == "1"
+    for cells in rows.values():
+        float(cells[3]), float(cells[6]), float(cells[7])  # epoch 1, end to end, test auroc: numbers
+    assert "cached branches: efficientnet_lite0" in result.stdout
+    assert "2 epochs end to end / 1 epoch end to end = " in result.stdout

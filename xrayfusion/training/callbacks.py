@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -12,17 +13,25 @@ from xrayfusion.core.errors import XrayfusionError
 
 
 class EpochHistory(pl.Callback):
-    """Keeps every epoch's logged values (train and validation) for the training-curves plot."""
+    """Keeps every epoch's logged values (train and validation) for the training-curves plot, and logs each
+    epoch's wall time (its training and validation) as `time/epoch_seconds`."""
 
     def __init__(self) -> None:
         self.history: list[dict[str, float]] = []
+        self._started = 0.0
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._started = time.perf_counter()
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
             return
+        seconds = time.perf_counter() - self._started
         values = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
         values["epoch"] = float(trainer.current_epoch)
         self.history.append(values)
+        if trainer.logger is not None and trainer.is_global_zero:
+            trainer.logger.log_metrics({"time/epoch_seconds": seconds}, step=trainer.current_epoch)
 
 
 class NonFiniteLossError(XrayfusionError):
