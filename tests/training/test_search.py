@@ -174,6 +174,7 @@ def test_a_pruned_trial_ends_its_run_killed_and_the_search_goes_on(cli_in_proces
         ("+search_space.nope={type:float,low:0,high:1}", "nope is not a key of the train config"),
         ("search/pruner=threshold", "search.pruner (optuna.pruners.ThresholdPruner) cannot be built"),
         ("search.n_trials=0", "search.n_trials=0 must be a whole number >= 1"),
+        ("trainer=ddp_cpu", "a search trains each trial in one process"),
     ],
 )
 def test_a_bad_search_config_is_one_line_and_exit_2(cli_in_process, tmp_path, override: str, message: str) -> None:

@@ -230,7 +230,14 @@ def find_trial_run(tracking_uri: str, experiment: str, study: str, number: int) 
 class Objective:
     """The study's objective: one training per trial, the best epoch's value of `optimized_metric`."""
 
-    def __init__(self, cfg: DictConfig, params: Sequence[Param], overrides: Sequence[str], storage_url: str) -> None:
+    def __init__(
+        self,
+        cfg: DictConfig,
+        params: Sequence[Param],
+        overrides: Sequence[str],
+        storage_url: str,
+        compose: Callable[[Sequence[str]], DictConfig],
+    ) -> None:
         self.cfg = cfg
         self.params = list(params)
         self.overrides = list(overrides)
@@ -241,7 +248,7 @@ class Objective:
         self.sweep_id = str(cfg.logger.get("sweep_id") or self.study_name)
         self.tracking_uri = tracking.resolve_tracking_uri(cfg.logger.get("tracking_uri"))
         self.experiment = str(cfg.logger.experiment_name)
-        self.compose: Callable[[Sequence[str]], DictConfig] | None = None
+        self.compose = compose
         self.numbers: list[int] = []  # the trials this process ran
 
     def __call__(self, trial: optuna.Trial) -> float:
@@ -249,7 +256,6 @@ class Objective:
         values = {p.key: p.suggest(trial) for p in self.params}
         sampled = [p.override(values[p.key]) for p in self.params]
         log.info("trial %d: %s", trial.number, " ".join(sampled))
-        assert self.compose is not None
         cfg = self.compose([*self.overrides, *sampled])
         tags = {STUDY_TAG: self.study_name, TRIAL_TAG: str(trial.number), STORAGE_TAG: self.storage}
         prepare_trial_config(cfg, self.out_dir / f"trial_{trial.number:03d}", tags, self.sweep_id, trial.number)
@@ -357,6 +363,12 @@ def check_search(
     base = compose(fixed)
     check_keys(params, base)
     validate(base)
+    trainer = base.trainer
+    if int(trainer.get("num_nodes") or 1) > 1 or trainer.get("devices", 1) not in (1, "1"):
+        raise ConfigError(
+            f"trainer.devices={trainer.get('devices')} (num_nodes={trainer.get('num_nodes') or 1}): a search trains "
+            "each trial in one process; set trainer.devices=1 (run the command on several machines for parallel trials)"
+        )
     for param in params:
         for choice in param.choices if param.type == "categorical" else ():
             override = param.override(choice)
@@ -398,8 +410,7 @@ def search(cfg: DictConfig, overrides: Sequence[str] = ()) -> float | None:
         if missing > 0:
             uri = tracking.resolve_tracking_uri(cfg.logger.get("tracking_uri"))
             sweep.prepare_experiment(uri, str(cfg.logger.experiment_name), cfg.logger.get("artifact_location"))
-            objective = Objective(cfg, params, fixed, storage_url)
-            objective.compose = compose
+            objective = Objective(cfg, params, fixed, storage_url, compose)
             study.optimize(
                 objective,
                 n_trials=missing,
