@@ -55,7 +55,7 @@ def run_cli(tmp_path: Path) -> Callable[..., subprocess.CompletedProcess]:
             **(env or {}),
         }
         cmd = [sys.executable, "-m", f"xrayfusion.{module}", *args]
-        if module == "train":
+        if module in ("train", "search"):
             cmd.append(f"hydra.run.dir={tmp_path}/outputs/run")
             cmd.append(f"paths.mlruns_dir={tmp_path}/mlruns")
         return subprocess.run(cmd, cwd=tmp_path, env=full_env, capture_output=True, text=True, timeout=timeout)
@@ -79,7 +79,7 @@ def cli_in_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytes
     def run(args: Sequence[str], module: str = "train") -> subprocess.CompletedProcess:
         entry = importlib.import_module("xrayfusion.data.__main__" if module == "data" else f"xrayfusion.{module}")
         extra = [f"hydra.run.dir={tmp_path}/outputs/run", f"paths.mlruns_dir={tmp_path}/mlruns"]
-        monkeypatch.setattr(sys, "argv", [module, *args, *(extra if module == "train" else [])])
+        monkeypatch.setattr(sys, "argv", [module, *args, *(extra if module in ("train", "search") else [])])
         GlobalHydra.instance().clear()
         capfd.readouterr()
         code = 0

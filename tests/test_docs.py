@@ -4,7 +4,8 @@ A command is a line in a fenced code block that runs `python -m xrayfusion.<entr
 an environment prefix such as `MLFLOW_TRACKING_URI=... python ...`, and continuation lines ending in `\\`).
 Its arguments are split like a shell would, placeholders (`<id>`, `<run id>`) become dummy values, and the
 entry's config is composed from conf/ with Hydra's compose API; train commands are also checked by
-`xrayfusion.training.config.validate`, the checks a real run makes before it reads any data.
+`xrayfusion.training.config.validate`, the checks a real run makes before it reads any data; search commands
+also by the checks a search makes before it opens its study (the space, each choice, pruner, sampler).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from xrayfusion.training.config import validate
+from xrayfusion.training.search import check_search
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
@@ -33,6 +35,7 @@ README_MAX_BYTES = 11_000
 # entry module -> its Hydra config name (the config_name of its @hydra.main)
 CONFIG_NAMES = {
     "train": "train",
+    "search": "search",
     "evaluate": "eval",
     "compare": "compare",
     "predict": "predict",
@@ -144,8 +147,8 @@ def expand(overrides: list[str]) -> list[list[str]]:
 
 def sweep_jobs(config_name: str, overrides: list[str], tmp_path: Path) -> list[list[str]]:
     """The jobs of a multirun. The basic sweeper puts its config's `hydra.sweeper.params` (an experiment's sweep
-    list) before the command line's overrides, as Hydra does; another sweeper (Optuna) samples its `params`
-    itself, so their keys are only checked to name config values or groups."""
+    list) before the command line's overrides, as Hydra does; another sweeper would sample its `params` itself,
+    so their keys are only checked to name config values or groups."""
     jobs = expand(overrides)
     cfg = compose_job(config_name, jobs[0], tmp_path)
     params = dict(cfg.hydra.sweeper.get("params") or {})
@@ -161,8 +164,8 @@ def compose_job(config_name: str, overrides: list[str], tmp_path: Path) -> DictC
     `inputs=`, fails here as it would at run time).
 
     The Hydra node is composed too (return_hydra_config=True), so `hydra.*` overrides (`hydra.sweeper.n_trials`,
-    `hydra.launcher.n_jobs`), `hydra/launcher=...` and `hparams_search=optuna` are checked against the sweeper and
-    launcher configs they target; the Hydra node is not resolved (job numbers and output folders exist only in a
+    `hydra.launcher.n_jobs`) and `hydra/launcher=...` are checked against the sweeper and launcher configs they
+    target; the Hydra node is not resolved (job numbers and output folders exist only in a
     real run).
     """
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
@@ -181,6 +184,17 @@ def compose_job(config_name: str, overrides: list[str], tmp_path: Path) -> DictC
     return cfg
 
 
+def compose_train(overrides: list[str], tmp_path: Path) -> DictConfig:
+    """A search trial's train config (what `check_search` composes), without the Hydra node, pretrained weights
+    off as for train commands (VALIDATE_WITHOUT)."""
+    cfg = compose_job("train", list(overrides), tmp_path)
+    with open_dict(cfg):
+        del cfg["hydra"]
+        for key, value in VALIDATE_WITHOUT.items():
+            OmegaConf.update(cfg, key, value)
+    return cfg
+
+
 COMMANDS = documented_commands()
 
 
@@ -192,11 +206,13 @@ def test_documented_command_composes(command: Command, tmp_path: Path) -> None:
         jobs = sweep_jobs(CONFIG_NAMES[command.entry], overrides, tmp_path) if multirun else [overrides]
         for job in jobs:
             cfg = compose_job(CONFIG_NAMES[command.entry], job, tmp_path)
-            if command.entry == "train":
+            if command.entry in ("train", "search"):
                 with open_dict(cfg):
                     for key, value in VALIDATE_WITHOUT.items():
                         OmegaConf.update(cfg, key, value)
                 validate(cfg)
+            if command.entry == "search":
+                check_search(cfg, job, lambda overrides: compose_train(overrides, tmp_path))
     except Exception as err:
         raise AssertionError(f"{command.where}: documented command fails:\n  {command.text}\n{err!r}") from err
 
@@ -229,7 +245,6 @@ def test_extraction_handles_shell_syntax() -> None:
 def test_multirun_takes_the_experiments_sweep(tmp_path: Path) -> None:
     jobs = sweep_jobs("train", ["experiment=seed2_resnet_mobilenet"], tmp_path)
     assert [job[0] for job in jobs] == ["fusion=average", "fusion=stacking"]
-    assert len(sweep_jobs("train", ["hparams_search=optuna", "fusion=average,voting"], tmp_path)) == 2
 
 
 LINK = re.compile(r"\]\(([^)\s]+)\)")

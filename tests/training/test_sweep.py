@@ -1,4 +1,5 @@
-"""Sweeps: sweep ids, threads per job, the summary table, the sweep configs, and two sweeps through the CLI."""
+"""Sweeps: sweep ids, threads per job, the summary table, the sweep configs, and sweeps through the CLI (Optuna
+searches: test_search.py)."""
 
 from pathlib import Path
 
@@ -6,7 +7,6 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
 from hydra import compose, initialize_config_dir
 
 from tests.conftest import SMALL_SYNTHETIC
@@ -97,22 +97,6 @@ def test_summary_of_no_runs_is_an_empty_table(tmp_path: Path) -> None:
     assert md.read_text().startswith("| run | run_id | status |") and csv.exists()
 
 
-def test_optuna_search_space_and_seeded_sampler_compose() -> None:
-    cfg = compose_train("hparams_search=optuna", "seed=7", hydra_cfg=True)
-    sweeper = cfg.hydra.sweeper
-    assert "OptunaSweeper" in sweeper._target_ and sweeper.direction == "maximize"
-    assert sweeper.sampler.seed == 7
-    assert set(sweeper.params) == {
-        "optimizer.lr",
-        "optimizer.weight_decay",
-        "data.batch_size",
-        "model.drop_rate",
-        "model.branches",
-        "fusion",
-    }
-    assert cfg.optimized_metric == "val/fused/auroc"
-
-
 @pytest.mark.parametrize(
     ("launcher", "target"),
     [("joblib", "JoblibLauncher"), ("submitit_slurm", "SlurmLauncher"), ("slurm_gpu", "SlurmLauncher")],
@@ -163,32 +147,6 @@ def test_multirun_tags_each_job_with_one_sweep_id_and_prints_the_table(run_cli, 
     for run in runs:  # the logged best is the best epoch of the per-epoch series
         history = mlflow.MlflowClient(tracking_uri).get_metric_history(run.info.run_id, "val/fused/auroc")
         assert run.data.metrics["best/val/fused/auroc"] == pytest.approx(max(m.value for m in history))
-
-
-@pytest.mark.slow
-def test_optuna_sweep_returns_the_objective_to_the_sampler(run_cli, tracking_uri, tmp_path) -> None:
-    sweep_dir = tmp_path / "multirun"
-    result = run_cli(
-        [
-            "-m",
-            "hparams_search=optuna",
-            "hydra.sweeper.n_trials=2",
-            "model.branches=[small_cnn,darknet]",  # fixed: removed from the search space
-            *SMALL_SYNTHETIC,
-            f"hydra.sweep.dir={sweep_dir}",
-        ]
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    runs = _sweep_runs(tracking_uri)
-    assert len(runs) == 2 and len({r.data.tags["sweep_id"] for r in runs}) == 1
-    assert {r.data.params["model/branches"] for r in runs} == {"['small_cnn', 'darknet']"}
-    assert len({r.data.params["optimizer/lr"] for r in runs}) == 2  # the sampler chose the searched values
-    results = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
-    best_run = max(runs, key=lambda r: r.data.metrics["best/val/fused/auroc"])
-    assert results["best_value"] == pytest.approx(best_run.data.metrics["best/val/fused/auroc"])
-    assert float(best_run.data.params["optimizer/lr"]) == pytest.approx(results["best_params"]["optimizer.lr"])
-    assert results["best_params"]["fusion"] == best_run.data.tags["fusion"]
-    assert (sweep_dir / "sweep_summary.csv").exists()
 
 
 @pytest.mark.slow

@@ -165,10 +165,11 @@ def guard_every_n_steps(cfg: DictConfig) -> int:
 
 
 def build_callbacks(
-    cfg: DictConfig, model: FusionClassifier, ckpt_dir: Path
+    cfg: DictConfig, model: FusionClassifier, ckpt_dir: Path, extra: Sequence[pl.Callback] = ()
 ) -> tuple[ModelCheckpoint, EpochHistory, list[pl.Callback]]:
-    """Checkpointing, the epoch history, the LR monitor, the non-finite-loss guard, backbone freezing and
-    (callbacks.early_stopping.enabled) early stopping."""
+    """Checkpointing, the epoch history, the LR monitor, the non-finite-loss guard, backbone freezing,
+    (callbacks.early_stopping.enabled) early stopping, the `callbacks.extra` entries and `extra` (callbacks built
+    in code, e.g. a search's pruning callback)."""
     mc = cfg.callbacks.model_checkpoint
     checkpoint = ModelCheckpoint(
         dirpath=ckpt_dir,
@@ -189,9 +190,10 @@ def build_callbacks(
     es = cfg.callbacks.get("early_stopping")
     if es is not None and es.get("enabled"):
         callbacks.append(EarlyStopping(monitor=es.monitor, mode=es.mode, patience=int(es.patience)))
-    for extra in (cfg.callbacks.get("extra") or {}).values():  # user callbacks: `_target_` entries
-        if extra is not None:
-            callbacks.append(instantiate(extra))
+    for entry in (cfg.callbacks.get("extra") or {}).values():  # user callbacks: `_target_` entries
+        if entry is not None:
+            callbacks.append(instantiate(entry))
+    callbacks += list(extra)
     return checkpoint, history, callbacks
 
 
@@ -201,14 +203,17 @@ def build_trainer(
     logger: Logger | bool,
     ckpt_dir: Path,
     root_dir: Path,
+    *,
+    extra_callbacks: Sequence[pl.Callback] = (),
     **overrides: Any,
 ) -> TrainerParts:
-    """The Trainer of `cfg.trainer` with the project's callbacks and atomic checkpoint writes.
+    """The Trainer of `cfg.trainer` with the project's callbacks (plus `extra_callbacks`) and atomic checkpoint
+    writes.
 
     `overrides` change what a Trainer shows (e.g. enable_model_summary), never how it trains.
     """
     check_trainer_keys(cfg.trainer)
-    checkpoint, history, callbacks = build_callbacks(cfg, model, ckpt_dir)
+    checkpoint, history, callbacks = build_callbacks(cfg, model, ckpt_dir, extra_callbacks)
     trainer: pl.Trainer = instantiate(
         cfg.trainer,
         logger=logger,

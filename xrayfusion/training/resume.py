@@ -1,4 +1,5 @@
-"""Resuming a killed run, and the tags a run keeps for it: its checkpoint folder and, on failure, the reason."""
+"""Resuming a killed run, and the tags a run keeps for it: its checkpoint folder and, on failure (or a stop on
+purpose), the reason."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR_TAG = "xrayfusion.checkpoint_dir"
 FAILURE_TAG = "xrayfusion.failure_reason"
+STOP_TAG = "xrayfusion.stop_reason"  # a run stopped on purpose (KILLED), e.g. a pruned search trial
 
 
 @dataclass(frozen=True)

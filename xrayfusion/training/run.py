@@ -1,14 +1,15 @@
 """The train task as named phases: start the run, fit, fit the fusion, test and report, finish.
 
 `run_status` marks the MLflow run FINISHED, or FAILED with the reason tag whatever fails after the run
-exists (building the trainer included).
+exists (building the trainer included), or KILLED when the caller's `stops` exception ended it on purpose
+(a pruned search trial).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,10 +65,15 @@ def run_name(cfg: DictConfig) -> str:
 
 
 @contextmanager
-def run_status(logger: MLFlowLogger) -> Iterator[None]:
-    """FINISHED when the block completes; FAILED with the `xrayfusion.failure_reason` tag when it raises."""
+def run_status(logger: MLFlowLogger, stops: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
+    """FINISHED when the block completes; KILLED with the `xrayfusion.stop_reason` tag when it raises one of
+    `stops` (a stop on purpose); FAILED with the `xrayfusion.failure_reason` tag when it raises anything else."""
     try:
         yield
+    except stops as err:
+        tracking.set_tags(logger, {resuming.STOP_TAG: resuming.failure_reason(err)})
+        tracking.set_status(logger, "KILLED")
+        raise
     except BaseException as err:
         tracking.set_tags(logger, {resuming.FAILURE_TAG: resuming.failure_reason(err)})
         tracking.set_status(logger, "FAILED")
@@ -285,18 +291,33 @@ def finish(run: Run, parts: TrainerParts) -> float | None:
     return best
 
 
-def train(cfg: DictConfig) -> float | None:
-    """Run one training; returns the best value of `optimized_metric` (None when never validated)."""
+def train(
+    cfg: DictConfig,
+    callbacks: Sequence[pl.Callback] = (),
+    stops: tuple[type[BaseException], ...] = (),
+) -> float | None:
+    """Run one training; returns the best value of `optimized_metric` (None when never validated).
+
+    `callbacks` join the trainer's own (a search's pruning callback). An exception of a type in `stops` raised
+    while the run is open (optuna.TrialPruned) ends it KILLED, not FAILED, removes its resume checkpoints as a
+    finished run's are removed, and propagates to the caller.
+    """
     run = start_run(cfg)
     uri = tracking.resolve_tracking_uri(cfg.logger.get("tracking_uri"))
     interval = cfg.tracking.get("system_metrics_interval_s")
-    with run_status(run.logger), tracking.system_metrics(run.logger, uri, interval):
-        log_inputs(run)
-        cache_features(run)
-        parts = build_trainer(cfg, run.model, run.logger, run.ckpt_dir, run.out_dir)
-        fit(run, parts)
-        run.fused_threshold_on = fit_fusion(cfg, run.model, run.dm, run.logger, run.out_dir)  # + thresholds
-        save_model(run, parts)
-        if cfg.get("test", True) and run.source.test is not None:
-            test_and_report(run)
-        return finish(run, parts)
+    try:
+        with run_status(run.logger, stops), tracking.system_metrics(run.logger, uri, interval):
+            log_inputs(run)
+            cache_features(run)
+            parts = build_trainer(cfg, run.model, run.logger, run.ckpt_dir, run.out_dir, extra_callbacks=callbacks)
+            fit(run, parts)
+            run.fused_threshold_on = fit_fusion(cfg, run.model, run.dm, run.logger, run.out_dir)  # + thresholds
+            save_model(run, parts)
+            if cfg.get("test", True) and run.source.test is not None:
+                test_and_report(run)
+            return finish(run, parts)
+    except stops:
+        if rank_zero_only.rank == 0:
+            removed = clean_up(run)
+            log.info("run stopped on purpose: removed %d checkpoint(s); nothing to resume", len(removed))
+        raise
