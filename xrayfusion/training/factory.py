@@ -54,12 +54,25 @@ def build_model(cfg: DictConfig, dm: XRayDataModule, bf16_branches: Sequence[str
         autocast=autocast_of(cfg.trainer.get("precision")),  # stored: served in the precision it was tested in
         data_split=split_record(cfg, dm),
         tta=str(cfg.model.get("tta", "none")),
+        **input_switches(cfg.model),
         optimizer=instantiate(cfg.optimizer),
         scheduler=scheduler,
     )
     if bf16_branches is None and configured == precision.AUTO:
         _resolve_auto_bf16(cfg, model)
     return model
+
+
+def input_switches(model_cfg: DictConfig) -> dict[str, Any]:
+    """The model's equalisation (model.equalize, model.clahe) and training-batch mixing (model.mixup) arguments."""
+    clahe = model_cfg.get("clahe") or {}
+    mixup = model_cfg.get("mixup")
+    return {
+        "equalize": str(model_cfg.get("equalize") or "none"),
+        "clahe_clip_limit": float(clahe.get("clip_limit", 40.0)),
+        "clahe_grid": [int(g) for g in clahe.get("grid", (8, 8))],
+        "mixup": OmegaConf.to_container(mixup, resolve=True) if OmegaConf.is_config(mixup) else mixup,
+    }
 
 
 def split_record(cfg: DictConfig, dm: XRayDataModule) -> dict[str, Any]:
