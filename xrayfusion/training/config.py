@@ -13,6 +13,7 @@ from xrayfusion.models.equalize import check_equalize
 from xrayfusion.models.mixup import mixup_settings
 from xrayfusion.models.module import TTA_MODES, bf16_branch_indices
 from xrayfusion.models.pretrained import has_pretrained, resolve_weights
+from xrayfusion.training.callbacks import ema_settings
 
 
 def validate(cfg: Mapping[str, Any]) -> None:
@@ -36,6 +37,7 @@ def validate(cfg: Mapping[str, Any]) -> None:
         int(cfg["data"].get("image_size") or 64),
     )
     mixup_settings(cfg["model"].get("mixup"))
+    ema_settings(cfg["model"].get("ema"))
     validate_fusion(cfg, len(branches))
     lr = cfg["optimizer"].get("lr")
     if lr is None or float(lr) <= 0:

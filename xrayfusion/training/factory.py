@@ -23,7 +23,7 @@ from xrayfusion.data import XRayDataModule
 from xrayfusion.fusion import thresholds
 from xrayfusion.models import FusionClassifier, precision
 from xrayfusion.models.module import autocast_of
-from xrayfusion.training.callbacks import EpochHistory, FiniteLossGuard
+from xrayfusion.training.callbacks import EpochHistory, FiniteLossGuard, ema_callbacks
 from xrayfusion.training.checkpoints import AtomicCheckpointIO, load_checkpoint
 from xrayfusion.training.finetuning import freeze_callbacks
 
@@ -169,8 +169,8 @@ def guard_every_n_steps(cfg: DictConfig) -> int:
 def build_callbacks(
     cfg: DictConfig, model: FusionClassifier, ckpt_dir: Path
 ) -> tuple[ModelCheckpoint, EpochHistory, list[pl.Callback]]:
-    """Checkpointing, the epoch history, the LR monitor, the non-finite-loss guard, backbone freezing and
-    (callbacks.early_stopping.enabled) early stopping."""
+    """Checkpointing, the epoch history, the LR monitor, the non-finite-loss guard, backbone freezing, the EMA
+    of the weights (model.ema.enabled) and (callbacks.early_stopping.enabled) early stopping."""
     mc = cfg.callbacks.model_checkpoint
     checkpoint = ModelCheckpoint(
         dirpath=ckpt_dir,
@@ -188,6 +188,7 @@ def build_callbacks(
         FiniteLossGuard(guard_every_n_steps(cfg)),
     ]
     callbacks += freeze_callbacks(cfg.model, model)
+    callbacks += ema_callbacks(cfg.model)
     es = cfg.callbacks.get("early_stopping")
     if es is not None and es.get("enabled"):
         callbacks.append(EarlyStopping(monitor=es.monitor, mode=es.mode, patience=int(es.patience)))
