@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from xrayfusion.core.errors import ConfigError
-from xrayfusion.core.names import FUSED
+from xrayfusion.core.names import DIVERSITY, FUSED
 from xrayfusion.fusion import build_fusion
 from xrayfusion.models.backbones import check_input_size, create_backbone, feature_dim, input_stats
 from xrayfusion.models.equalize import check_equalize, equalize_images
@@ -70,7 +70,7 @@ def branch_keys(names: Sequence[str]) -> list[str]:
     for name in names:
         key = re.sub(r"[^0-9A-Za-z_]", "_", name)
         candidate, n = key, 1
-        while candidate in keys or candidate == FUSED:
+        while candidate in keys or candidate in (FUSED, DIVERSITY):
             n += 1
             candidate = f"{key}_{n}"
         keys.append(candidate)
