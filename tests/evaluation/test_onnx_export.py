@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from tests.evaluation.test_evaluation import save_checkpoint, tiny_model
+from xrayfusion.core.errors import ConfigError
 from xrayfusion.evaluation import onnx_export
 
 pytest.importorskip("onnxruntime", reason="pip install onnx onnxscript onnxruntime")
@@ -44,3 +45,18 @@ def test_export_command_writes_and_checks_the_file(cli_in_process, tmp_path: Pat
     assert (tmp_path / "out.onnx").stat().st_size > 10_000 and (tmp_path / "out.onnx.json").is_file()
     bad = cli_in_process([f"ckpt_path={ckpt}", "format=tflite"], module="export")
     assert bad.returncode == 2 and "format=tflite is not supported" in bad.stderr
+
+
+@pytest.mark.slow
+def test_histogram_equalisation_exports(tmp_path: Path) -> None:
+    model = type(tiny_model("average"))(**{**tiny_model("average").hparams, "equalize": "hist"}).eval()
+    path = onnx_export.export_onnx(model, tmp_path / "model.onnx")
+    images = torch.randint(0, 256, (3, 1, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    assert onnx_export.onnx_difference(model, path, images) < 1e-4
+
+
+def test_clahe_models_are_refused_with_the_setting_named(tmp_path: Path) -> None:
+    model = type(tiny_model("average"))(**{**tiny_model("average").hparams, "equalize": "clahe", "clahe_grid": [4, 4]})
+    with pytest.raises(ConfigError, match=r"model.equalize=clahe"):
+        onnx_export.export_onnx(model, tmp_path / "model.onnx")
+    assert not (tmp_path / "model.onnx").exists()

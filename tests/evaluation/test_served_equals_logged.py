@@ -31,10 +31,16 @@ RUN = [
 @pytest.mark.parametrize(
     "extra",
     [
-        ["fusion=stacking", "seed=7"],
-        ["fusion=average", "trainer.precision=bf16-mixed", "model.tta=flips", "model.branch_sizes={small_cnn: 24}"],
+        ["fusion=stacking", "seed=7", "model.equalize=clahe", "model.clahe.grid=[4,4]"],
+        [
+            "fusion=average",
+            "trainer.precision=bf16-mixed",
+            "model.tta=flips",
+            "model.equalize=hist",
+            "model.branch_sizes={small_cnn: 24}",
+        ],
     ],
-    ids=["stacking", "bf16-mixed-tta-branch-sizes"],
+    ids=["stacking-clahe", "bf16-mixed-tta-hist-branch-sizes"],
 )
 def test_logged_test_results_equal_evaluate_predict_and_served(
     train_task, tracking_uri: str, tmp_path: Path, kermany_root: Path, extra: list[str]
@@ -49,6 +55,8 @@ def test_logged_test_results_equal_evaluate_predict_and_served(
         assert model.hparams.autocast == "bf16"  # stored: served in the precision it was tested in
         assert model.hparams.tta == "flips"  # and with the test-time augmentation it was tested with
         assert model.sizes == [24, 32]  # and each branch at its own input size (small_cnn 24 px, darknet 32 px)
+    # the input equalisation is part of the model: evaluate, predict and the served model equalise alike
+    assert model.hparams.equalize == ("clahe" if "model.equalize=clahe" in extra else "hist")
 
     # evaluate on the same data config: the same probabilities and exactly the logged metric values
     data_cfg = {"name": "kermany", "root": str(kermany_root), "val_fraction": 0.25, "batch_size": 8, "seed": 42}

@@ -137,9 +137,13 @@ def test_mixed_ensemble_trains_with_every_fusion(
     assert looked_up.count("train") == 4 and looked_up.count("val") == 2  # every step read the cache
 
 
-def test_feature_cache_without_a_frozen_branch_is_a_config_error(train_task, weights_dir: Path) -> None:
+def test_feature_cache_without_a_frozen_branch_or_with_mixup_is_a_config_error(train_task, weights_dir: Path) -> None:
     with pytest.raises(ConfigError, match="model.trainable_layers=0"):
         train_task([*frozen_run(weights_dir, "model.feature_cache=true"), "model.trainable_layers=null"])
+    with pytest.raises(ConfigError, match="cannot be combined with model.mixup"):
+        train_task([*frozen_run(weights_dir, "model.feature_cache=true"), "model.mixup.mixup_alpha=0.2"])
+    with pytest.raises(ConfigError, match="needs augmentation"):
+        train_task([*frozen_run(weights_dir, "model.feature_cache=true"), "model.feature_cache_views=2"])
 
 
 # ---- the store itself --------------------------------------------------------------------------------------

@@ -40,6 +40,10 @@ def test_experiment_kermany_cpu() -> None:
         (["optimizer.lr=-1e-3"], "optimizer.lr"),
         (["data.batch_size=0"], "data.batch_size"),
         (["data.name=kermani"], "did you mean kermany"),
+        (["model.equalize=clahee"], "model.equalize='clahee' is unknown"),
+        (["model.equalize=clahe", "data.image_size=8", "model.clahe.grid=[8,8]"], "needs images larger than 8 px"),
+        (["model.mixup.cutmix_alpha=-1"], "model.mixup.cutmix_alpha=-1.0"),
+        (["model.ema.decay=1"], "model.ema.decay=1"),
     ],
 )
 def test_invalid_configs_fail_before_training(overrides: list[str], needle: str) -> None:

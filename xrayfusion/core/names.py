@@ -11,6 +11,10 @@ FUSED = "fused"  # the fused model's name in metrics (`test/fused/auroc`), table
 # precision, recall, specificity, f1, auroc and ap are macro averages over classes when there are more than two
 METRIC_NAMES = ("acc", "balanced_acc", "precision", "recall", "specificity", "f1", "auroc", "ap", "ece")
 RANKING_METRICS = ("auroc", "ap")  # undefined when the labels hold one class only
+# how two branches of an ensemble differ, logged as `<prefix>/diversity/<a>__<b>/<metric>` per pair of branches
+# and `<prefix>/diversity/mean_<metric>` over all pairs (xrayfusion/evaluation/diversity.py)
+DIVERSITY = "diversity"
+DIVERSITY_METRICS = ("disagreement", "error_corr")
 
 
 def predict_labels(probs: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:

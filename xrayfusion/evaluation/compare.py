@@ -14,7 +14,7 @@ from matplotlib.figure import Figure
 from mlflow.entities import Run
 
 from xrayfusion.core.errors import ConfigError, DataError
-from xrayfusion.core.names import FUSED
+from xrayfusion.core.names import DIVERSITY, DIVERSITY_METRICS, FUSED
 from xrayfusion.evaluation.metrics import probs_from_frame
 from xrayfusion.evaluation.plots import plt, roc_points
 
@@ -22,6 +22,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_METRICS = ("acc", "precision", "recall", "specificity", "f1", "auroc")
 INFO_COLUMNS = ("run_name", "run_id", "model", "fusion", "branches", "data")
+# the mean over pairs of branches of each diversity metric, on the fused row of ensemble runs
+DIVERSITY_COLUMNS = tuple(f"mean_{m}" for m in DIVERSITY_METRICS)
 
 
 def build_filter(tags: Mapping[str, str] | None, filter_string: str | None) -> str:
@@ -64,7 +66,7 @@ def run_models(run: Run, prefix: str) -> list[str]:
     for key in run.data.metrics:
         if key.startswith(prefix + "/"):
             parts = key[len(prefix) + 1 :].split("/")
-            if len(parts) == 2 and parts[0] not in found:
+            if len(parts) == 2 and parts[0] not in found and parts[0] != DIVERSITY:
                 found.append(parts[0])
     branches = [k for k in run.data.tags.get("branches", "").split(",") if k in found]
     rest = sorted(m for m in found if m not in branches and m != FUSED)
@@ -79,7 +81,11 @@ def comparison_frame(
     sort_by: str = "auroc",
     ascending: bool = False,
 ) -> pd.DataFrame:
-    """One row per run (its fused model) and, with `branches`, per branch; runs sorted by the fused `sort_by`."""
+    """One row per run (its fused model) and, with `branches`, per branch; runs sorted by the fused `sort_by`.
+
+    Fused rows also get the ensemble's mean branch diversity (`mean_disagreement`, `mean_error_corr`; NaN for
+    one-branch runs and runs logged before it existed).
+    """
     rows = []
     for order, run in enumerate(runs):
         models = run_models(run, prefix)
@@ -98,6 +104,9 @@ def comparison_frame(
             for metric in metrics:
                 for suffix in ("", "_ci_low", "_ci_high"):
                     row[f"{metric}{suffix}"] = run.data.metrics.get(f"{prefix}/{model}/{metric}{suffix}", math.nan)
+            for column in DIVERSITY_COLUMNS:  # a property of the ensemble: the fused row only
+                value = run.data.metrics.get(f"{prefix}/{DIVERSITY}/{column}", math.nan)
+                row[column] = value if model == FUSED else math.nan
             rows.append(row)
     frame = pd.DataFrame(rows)
     if frame.empty:
@@ -111,7 +120,8 @@ def comparison_frame(
 
 
 def markdown_table(frame: pd.DataFrame, metrics: Sequence[str] = DEFAULT_METRICS, digits: int = 3) -> str:
-    """Markdown with `value [low, high]` cells (intervals where the run has them)."""
+    """Markdown with `value [low, high]` cells (intervals where the run has them), then the mean branch
+    diversity columns when any run has them."""
 
     def cell(row: pd.Series, metric: str) -> str:
         value, lo, hi = row[metric], row[f"{metric}_ci_low"], row[f"{metric}_ci_high"]
@@ -124,6 +134,9 @@ def markdown_table(frame: pd.DataFrame, metrics: Sequence[str] = DEFAULT_METRICS
     table.insert(1, "run_id", frame["run_id"].str[:8])
     for metric in metrics:
         table[metric] = [cell(row, metric) for _, row in frame.iterrows()]
+    for column in DIVERSITY_COLUMNS:
+        if column in frame and frame[column].notna().any():
+            table[column] = [f"{v:.{digits}f}" if math.isfinite(v) else "n/a" for v in frame[column]]
     return table.to_markdown(index=False)
 
 

@@ -56,7 +56,10 @@ def branch_cams(model: FusionClassifier, images: torch.Tensor, targets: Sequence
     """Grad-CAM maps (N, H, W) in [0, 1] of every branch for the given target classes."""
     cams = {}
     # an input that needs grad makes every activation need it, so frozen backbones still get a CAM
-    x = images.to(model.device).float().requires_grad_(True)
+    # as [0, 1] floats, what the model's preprocessing takes besides uint8 (a float 0-255 image would be read as
+    # 255 times too bright, and equalisation refuses values outside [0, 1])
+    x = images.to(model.device)
+    x = (x.float() / 255.0 if x.dtype == torch.uint8 else x.float()).requires_grad_(True)
     with eval_mode(model, no_grad=False), torch.enable_grad():
         try:
             for key in model.keys:

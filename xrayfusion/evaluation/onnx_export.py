@@ -1,7 +1,8 @@
 """The whole ensemble (branches and fusion) as one ONNX model, checked against PyTorch under onnxruntime.
 
 Input `images`: uint8 (N, 1, S, S) grey images at the trained size S, decoded and resized as
-`xrayfusion.data.decode` does (grey, bilinear); normalisation happens inside the model, as in training.
+`xrayfusion.data.decode` does (grey, bilinear); normalisation (and `model.equalize=hist`) happens inside the
+model, as in training. CLAHE (`model.equalize=clahe`) does not export with a dynamic batch and is refused.
 Outputs `fused` (N, C) and `branches` (N, K, C) class probabilities; decide with p >= the stored threshold.
 A JSON file beside the model documents all of it.
 """
@@ -46,7 +47,8 @@ def describe(model: FusionClassifier) -> dict[str, Any]:
             "dtype": "uint8",
             "shape": ["N", 1, size, size],
             "preprocessing": f"read as grey (8-bit, DICOM windowed), resize to {size}x{size} bilinear "
-            "(xrayfusion.data.decode.load_grey); normalisation is inside the model",
+            "(xrayfusion.data.decode.load_grey); normalisation (and histogram equalisation, model.equalize=hist) "
+            "is inside the model",
         },
         "outputs": {"fused": ["N", "C"], "branches": ["N", "K", "C"]},
         "branches": list(model.keys),
@@ -66,6 +68,12 @@ def export_onnx(model: FusionClassifier, path: str | Path) -> Path:
         raise ConfigError(
             "this model runs branches under bf16/fp16 autocast, which ONNX export does not reproduce; export a "
             "float32 model (trained without trainer.precision=*-mixed and model.bf16_branches)"
+        )
+    if model.hparams.get("equalize") == "clahe":
+        raise ConfigError(
+            "this model equalises its inputs with CLAHE (model.equalize=clahe), whose ONNX graph only runs at the "
+            "batch size it was traced with; export a model trained with model.equalize=none or hist, or serve it "
+            "with MLflow"
         )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

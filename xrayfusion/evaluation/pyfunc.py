@@ -29,6 +29,7 @@ REQUIREMENTS = (
     "torch",
     "torchvision",
     "timm",
+    "kornia",
     "pytorch-lightning",
     "torchmetrics",
     "scikit-learn",

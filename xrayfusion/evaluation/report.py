@@ -14,6 +14,7 @@ from xrayfusion import tracking
 from xrayfusion.core.names import FUSED, predict_labels
 from xrayfusion.data import ImageSet
 from xrayfusion.evaluation import metrics, plots
+from xrayfusion.evaluation.diversity import diversity_metrics
 from xrayfusion.evaluation.gradcam import gradcam_figure
 from xrayfusion.evaluation.inference import Predictions, predict
 from xrayfusion.evaluation.loading import trained_thresholds
@@ -45,7 +46,8 @@ def log_test_report(
     batch_size: int = 64,
 ) -> pd.DataFrame:
     """Predict the test split once and log from those predictions: `test/<model>/<metric>` (+ 95% intervals),
-    `test_predictions.csv`, the confusion matrix and ROC plots and the Grad-CAM grid. Returns the results rows.
+    the branches' diversity `test/diversity/...`, `test_predictions.csv`, the confusion matrix and ROC plots and
+    the Grad-CAM grid. Returns the results rows.
 
     The thresholds are the ones chosen on validation and stored with the model, so `evaluate`, `predict`
     and the served model decide exactly as this report does.
@@ -57,8 +59,12 @@ def log_test_report(
     csv = out_dir / TEST_PREDICTIONS
     frame.to_csv(csv, index=False)
     tracking.log_artifact(logger, csv)
-    results = metrics.evaluate_predictions(test.labels, probs, trained_thresholds(model), n_bootstrap, seed)
+    decide = trained_thresholds(model)
+    results = metrics.evaluate_predictions(test.labels, probs, decide, n_bootstrap, seed)
     logger.log_metrics(metrics.mlflow_metrics(results, "test"))
+    diversity = diversity_metrics("test", test.labels, preds.probs, model.keys, decide)
+    if diversity:  # ensembles (two branches or more)
+        logger.log_metrics(diversity)
     predicted = predict_labels(preds.fused, float(model.hparams.threshold))
     log_figure(
         logger, plots.confusion_matrix_figure(test.labels, predicted, class_names), out_dir, "confusion_matrix_test.png"

@@ -15,10 +15,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from xrayfusion.core.errors import ConfigError
-from xrayfusion.core.names import FUSED
+from xrayfusion.core.names import DIVERSITY, FUSED
 from xrayfusion.fusion import build_fusion
 from xrayfusion.models.backbones import check_input_size, create_backbone, feature_dim, input_stats
+from xrayfusion.models.equalize import check_equalize, equalize_images
 from xrayfusion.models.metrics import compute_values, metric_collection, metric_input, train_accuracy
+from xrayfusion.models.mixup import build_mixer
 
 
 @functools.cache
@@ -98,7 +100,7 @@ def branch_keys(names: Sequence[str]) -> list[str]:
     for name in names:
         key = re.sub(r"[^0-9A-Za-z_]", "_", name)
         candidate, n = key, 1
-        while candidate in keys or candidate == FUSED:
+        while candidate in keys or candidate in (FUSED, DIVERSITY):
             n += 1
             candidate = f"{key}_{n}"
         keys.append(candidate)
@@ -113,6 +115,10 @@ class FusionClassifier(pl.LightningModule):
     (normalisation included) without reading weight files, e.g. before loading a checkpoint offline.
     `tta='flips'` averages the probabilities of each image and its mirror in eval mode (validation, test,
     evaluate, predict and the served model alike; training steps never see it).
+    `equalize` ('hist' or 'clahe', with `clahe_clip_limit` and `clahe_grid`) equalises every input image on the
+    device before normalisation (kornia), in every forward: training, validation, test and serving alike.
+    `mixup` (model.mixup: mixup_alpha, cutmix_alpha, prob, switch_prob, label_smoothing) mixes training batches
+    and trains on soft targets (timm.data.Mixup); training steps only.
     `fusion_fitted_on` says where a fitted fusion was fitted ('holdout' = the validation split, 'oof_cv<K>').
     `branch_sizes` gives a branch its own input size (model.branch_sizes, e.g. {small_cnn: 96}); the others take
     `image_size`. Images arrive at `image_size` (decoded once, at the largest size) and each branch's copy is
@@ -149,6 +155,10 @@ class FusionClassifier(pl.LightningModule):
         data_split: Mapping[str, Any] | None = None,
         tta: str = "none",
         branch_sizes: Mapping[str, int] | None = None,
+        equalize: str = "none",
+        clahe_clip_limit: float = 40.0,
+        clahe_grid: Sequence[int] = (8, 8),
+        mixup: Mapping[str, float] | None = None,
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         scheduler: Callable[..., Any] | None = None,
     ):
@@ -156,6 +166,8 @@ class FusionClassifier(pl.LightningModule):
         self.save_hyperparameters(ignore=["optimizer", "scheduler"], logger=False)
         if tta not in TTA_MODES:
             raise ConfigError(f"model.tta={tta!r} is unknown; choose one of {list(TTA_MODES)}")
+        check_equalize(equalize, clahe_clip_limit, clahe_grid, image_size)
+        self.mixer = build_mixer(mixup, num_classes)  # None: hard labels (no mixing, no label smoothing)
         if autocast is not None and autocast not in AUTOCAST_DTYPES:
             raise ValueError(f"autocast={autocast!r} must be one of {list(AUTOCAST_DTYPES)} or None")
         if num_classes < 2:
@@ -208,12 +220,20 @@ class FusionClassifier(pl.LightningModule):
     def preprocess(self, x: torch.Tensor, branch: int = 0) -> torch.Tensor:
         """uint8 or [0, 1] float images to float normalised for branch `branch`, with the backbone's channels."""
         x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+        x = self.equalize_input(x)
         x = (x - self.mean[branch]) / self.std[branch]
         if x.shape[1] != self.hparams.in_chans:
             x = x.expand(-1, self.hparams.in_chans, -1, -1)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
+
+    def equalize_input(self, x: torch.Tensor) -> torch.Tensor:
+        """[0, 1] float images equalised as `equalize` says (none: unchanged); see models/equalize.py."""
+        hp = self.hparams
+        return equalize_images(
+            x, hp.get("equalize", "none"), hp.get("clahe_clip_limit", 40.0), hp.get("clahe_grid", (8, 8))
+        )
 
     def forward(
         self,
@@ -317,18 +337,28 @@ class FusionClassifier(pl.LightningModule):
         return torch.autocast(device.type, dtype=torch.bfloat16)
 
     def _loss(self, out: Mapping[str, torch.Tensor | None], y: torch.Tensor) -> torch.Tensor:
+        """Sum of branch cross-entropies (plus the fused one for concat); `y` is hard labels (N,) or soft
+        targets (N, C) (mixup, label smoothing), which the class weights weight alike."""
         logits = out["logits"]
         n, k, c = logits.shape
         branch_loss = (
             F.cross_entropy(
-                logits.reshape(n * k, c), y.repeat_interleave(k), weight=self.class_weights, reduction="sum"
+                logits.reshape(n * k, c), y.repeat_interleave(k, dim=0), weight=self.class_weights, reduction="sum"
             )
             / n
         )
         if out["fused_logits"] is not None:
             weight = float(self.hparams.fusion.get("loss_weight", 1.0))
-            branch_loss = branch_loss + weight * F.cross_entropy(out["fused_logits"], y, weight=self.class_weights)
+            branch_loss = branch_loss + weight * self._fused_loss(out["fused_logits"], y)
         return branch_loss
+
+    def _fused_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Class-weighted mean cross-entropy; for soft targets normalised by their total class weight, so a
+        one-hot target gives exactly the hard-label loss."""
+        if not y.is_floating_point():
+            return F.cross_entropy(logits, y, weight=self.class_weights)
+        total = (y * self.class_weights).sum() if self.class_weights is not None else y.sum()
+        return F.cross_entropy(logits, y, weight=self.class_weights, reduction="sum") / total
 
     # ---- steps ---------------------------------------------------------------------------------------
     def _unpack(self, batch: Sequence[torch.Tensor], split: str) -> tuple[torch.Tensor, torch.Tensor, Any, Any]:
@@ -342,8 +372,10 @@ class FusionClassifier(pl.LightningModule):
 
     def training_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y, features, _ = self._unpack(batch, "train")
+        # soft targets (model.mixup; never with cached features, which cannot be mixed: training/run.py refuses it)
+        x, target = self.mixer(x, y) if self.mixer is not None else (x, y)
         out = self(x, features)
-        loss = self._loss(out, y)
+        loss = self._loss(out, target)
         self.train_acc.update(out["fused_probs"].detach(), y)
         self.log("train/loss", loss, on_step=False, on_epoch=True, batch_size=len(y), sync_dist=True)
         # no prog_bar: Lightning would .item() the loss every step for the bar (a host sync)

@@ -9,8 +9,11 @@ from xrayfusion.core.errors import ConfigError
 from xrayfusion.data.registry import check_source_name
 from xrayfusion.fusion.checks import validate_fusion
 from xrayfusion.models.backbones import check_backbone_name
+from xrayfusion.models.equalize import check_equalize
+from xrayfusion.models.mixup import mixup_settings
 from xrayfusion.models.module import TTA_MODES, bf16_branch_indices
 from xrayfusion.models.pretrained import has_pretrained, resolve_weights
+from xrayfusion.training.callbacks import ema_settings
 
 
 def validate(cfg: Mapping[str, Any]) -> None:
@@ -26,6 +29,15 @@ def validate(cfg: Mapping[str, Any]) -> None:
     tta = cfg["model"].get("tta", "none")
     if tta not in TTA_MODES:
         raise ConfigError(f"model.tta={tta!r} is unknown; choose one of {list(TTA_MODES)}")
+    clahe = cfg["model"].get("clahe") or {}
+    check_equalize(
+        cfg["model"].get("equalize") or "none",
+        clahe.get("clip_limit", 40.0),
+        clahe.get("grid", [8, 8]),
+        int(cfg["data"].get("image_size") or 64),
+    )
+    mixup_settings(cfg["model"].get("mixup"))
+    ema_settings(cfg["model"].get("ema"))
     validate_fusion(cfg, len(branches))
     lr = cfg["optimizer"].get("lr")
     if lr is None or float(lr) <= 0:

@@ -23,7 +23,7 @@ from xrayfusion.data import XRayDataModule
 from xrayfusion.fusion import thresholds
 from xrayfusion.models import FusionClassifier, precision
 from xrayfusion.models.module import autocast_of
-from xrayfusion.training.callbacks import EpochHistory, FiniteLossGuard
+from xrayfusion.training.callbacks import EpochHistory, FiniteLossGuard, ema_callbacks
 from xrayfusion.training.checkpoints import AtomicCheckpointIO, load_checkpoint
 from xrayfusion.training.finetuning import freeze_callbacks
 
@@ -55,6 +55,7 @@ def build_model(cfg: DictConfig, dm: XRayDataModule, bf16_branches: Sequence[str
         data_split=split_record(cfg, dm),
         tta=str(cfg.model.get("tta", "none")),
         branch_sizes=_branch_sizes(cfg.model.get("branch_sizes")),
+        **input_switches(cfg.model),
         optimizer=instantiate(cfg.optimizer),
         scheduler=scheduler,
     )
@@ -71,6 +72,18 @@ def _branch_sizes(value: Any) -> dict[str, int] | None:
             f"model.branch_sizes={value!r} must map branch names to sizes, e.g. 'model.branch_sizes={{small_cnn: 96}}'"
         )
     return {str(k): v for k, v in value.items()}
+
+
+def input_switches(model_cfg: DictConfig) -> dict[str, Any]:
+    """The model's equalisation (model.equalize, model.clahe) and training-batch mixing (model.mixup) arguments."""
+    clahe = model_cfg.get("clahe") or {}
+    mixup = model_cfg.get("mixup")
+    return {
+        "equalize": str(model_cfg.get("equalize") or "none"),
+        "clahe_clip_limit": float(clahe.get("clip_limit", 40.0)),
+        "clahe_grid": [int(g) for g in clahe.get("grid", (8, 8))],
+        "mixup": OmegaConf.to_container(mixup, resolve=True) if OmegaConf.is_config(mixup) else mixup,
+    }
 
 
 def split_record(cfg: DictConfig, dm: XRayDataModule) -> dict[str, Any]:
@@ -167,9 +180,9 @@ def guard_every_n_steps(cfg: DictConfig) -> int:
 def build_callbacks(
     cfg: DictConfig, model: FusionClassifier, ckpt_dir: Path, extra: Sequence[pl.Callback] = ()
 ) -> tuple[ModelCheckpoint, EpochHistory, list[pl.Callback]]:
-    """Checkpointing, the epoch history, the LR monitor, the non-finite-loss guard, backbone freezing,
-    (callbacks.early_stopping.enabled) early stopping, the `callbacks.extra` entries and `extra` (callbacks built
-    in code, e.g. a search's pruning callback)."""
+    """Checkpointing, the epoch history, the LR monitor, the non-finite-loss guard, backbone freezing, the EMA
+    of the weights (model.ema.enabled), (callbacks.early_stopping.enabled) early stopping, the `callbacks.extra`
+    entries and `extra` (callbacks built in code, e.g. a search's pruning callback)."""
     mc = cfg.callbacks.model_checkpoint
     checkpoint = ModelCheckpoint(
         dirpath=ckpt_dir,
@@ -187,6 +200,7 @@ def build_callbacks(
         FiniteLossGuard(guard_every_n_steps(cfg)),
     ]
     callbacks += freeze_callbacks(cfg.model, model)
+    callbacks += ema_callbacks(cfg.model)
     es = cfg.callbacks.get("early_stopping")
     if es is not None and es.get("enabled"):
         callbacks.append(EarlyStopping(monitor=es.monitor, mode=es.mode, patience=int(es.patience)))

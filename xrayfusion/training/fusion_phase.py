@@ -22,7 +22,9 @@ from xrayfusion import tracking
 from xrayfusion.core.names import FUSED
 from xrayfusion.data import XRayDataModule
 from xrayfusion.evaluation import decisions
+from xrayfusion.evaluation.diversity import diversity_metrics
 from xrayfusion.evaluation.inference import Predictions, predict
+from xrayfusion.evaluation.loading import trained_thresholds
 from xrayfusion.fusion import calibration, crossfit
 from xrayfusion.models import FusionClassifier
 from xrayfusion.training.folds import fold_fit_predict
@@ -76,8 +78,9 @@ def calibrate(model: FusionClassifier, dm: XRayDataModule, logger: MLFlowLogger)
 def fit_fusion(
     cfg: DictConfig, model: FusionClassifier, dm: XRayDataModule, logger: MLFlowLogger, out_dir: Path
 ) -> str:
-    """Calibrate (fusion.calibrate), fit the fusion (fusion.cv) and choose thresholds (metrics.threshold);
-    returns where the fused threshold was chosen (`val`, `val_crossfit5`)."""
+    """Calibrate (fusion.calibrate), fit the fusion (fusion.cv), choose thresholds (metrics.threshold) and log
+    the branches' diversity on validation (`val/diversity/...`); returns where the fused threshold was chosen
+    (`val`, `val_crossfit5`)."""
     source = dm.prepare()
     calibrate_on = bool(cfg.fusion.get("calibrate", False))
     val = calibrate(model, dm, logger) if calibrate_on else None
@@ -118,4 +121,8 @@ def fit_fusion(
     log.info(
         "thresholds (metrics.threshold=%s, branches on val, fused on %s): %s", cfg.metrics.threshold, fused_on, chosen
     )
+    # how differently the final branches decide on validation, at their thresholds (ensembles only)
+    diversity = diversity_metrics("val", val.labels, val.probs, model.keys, trained_thresholds(model))
+    if diversity:
+        logger.log_metrics(diversity)
     return fused_on

@@ -155,7 +155,17 @@ def cache_features(run: Run) -> None:
             "model.feature_cache=true but no branch is frozen for the whole run; set model.trainable_layers=0 "
             "(pretrained branches stay frozen) or model.freeze_backbone_epochs >= trainer.max_epochs"
         )
+    if run.model.mixer is not None and run.model.mixer.mixes:  # label smoothing alone is fine
+        raise ConfigError(
+            "model.feature_cache=true cannot be combined with model.mixup: cached features are of unmixed images; "
+            "set model.mixup.mixup_alpha=0 model.mixup.cutmix_alpha=0 or model.feature_cache=false"
+        )
     views = int(cfg.model.get("feature_cache_views") or 0)
+    if views and dm.augment is None:
+        raise ConfigError(
+            f"model.feature_cache_views={views} needs augmentation to draw views from; set data.augment.enabled=true "
+            "or model.feature_cache_views=0"
+        )
     store, report = build_store(
         run.model,
         keys,
