@@ -33,7 +33,7 @@ TEST_WORKERS ?= 2
 test: install browser
 	$(PY) -m ruff check .
 	$(VENV)/bin/lint-imports
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS)
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 lint: install
 	$(PY) -m ruff check .

@@ -1,7 +1,7 @@
-"""feature-cache: the same ensemble trained with and without model.feature_cache, each the real training command
-in a subprocess (a fresh, empty feature cache each, so the cached runs pay for computing their features), plus a
-1-epoch cached run for the "N epochs vs 1 epoch" ratio. Prints the feature pass, epoch times, fit and end-to-end
-wall times and the test AUROC side by side, read back from each run's MLflow metrics.
+"""feature-cache: the same ensemble trained with and without model.feature_cache, each by the train task of the
+training command in this process (a fresh, empty feature cache each, so the cached runs pay for computing their
+features), plus a 1-epoch cached run for the "N epochs vs 1 epoch" ratio. Prints the feature pass, epoch times,
+fit and end-to-end wall times and the test AUROC side by side, read back from each run's MLflow metrics.
 
     python scripts/benchmark.py feature-cache                       # experiment=seed1_cpu, all files, 10 epochs
     python scripts/benchmark.py feature-cache --max-train 600 --epochs 3   # a quicker look
@@ -12,13 +12,11 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from bench.common import DEFAULT_ROOT, REPO, cpu_name, make_subset_root
+from bench.common import DEFAULT_ROOT, REPO, compose_cfg, cpu_name, make_subset_root
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -36,30 +34,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _train(overrides: list[str], uri: str, tmp: Path, name: str) -> tuple[dict, float]:
-    """Run the training command; returns ({metric: value or history}, end-to-end seconds)."""
+    """Run the train task in this process on the composed config (the same `train()` the command runs, without
+    a process start per run); returns ({metric: value, 'epochs': epoch times, 'params': ...}, end-to-end s)."""
     import mlflow
 
-    cmd = [
-        sys.executable,
-        "-m",
-        "xrayfusion.train",
-        *overrides,
-        "trainer.enable_progress_bar=false",
-        "tracking.log_model=false",
-        "gradcam.n_images=0",
-        f"logger.run_name={name}",
-        f"hydra.run.dir={tmp}/{name}",
-    ]
-    print("$", " ".join(cmd[1:]), flush=True)
+    from xrayfusion.training.run import train
+
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    cfg = compose_cfg(
+        [
+            *overrides,
+            "trainer.enable_progress_bar=false",
+            "tracking.log_model=false",
+            "gradcam.n_images=0",
+            f"logger.run_name={name}",
+            f"paths.root_dir={tmp}",
+            f"paths.output_dir={tmp}/{name}",
+        ]
+    )
+    print(f"run {name}: {' '.join(overrides)}", flush=True)
     started = time.perf_counter()
-    done = subprocess.run(cmd, env={**os.environ, "MLFLOW_TRACKING_URI": uri}, cwd=tmp, capture_output=True, text=True)
+    train(cfg)
     wall = time.perf_counter() - started
-    if done.returncode != 0:
-        raise SystemExit(f"training {name} failed (exit {done.returncode}): {done.stderr[-2000:]}")
     client = mlflow.MlflowClient(uri)
     exp = client.get_experiment_by_name("xrayfusion")
     [run] = client.search_runs([exp.experiment_id], f"attributes.run_name = '{name}'")
-    values = dict(run.data.metrics)
+    values: dict = dict(run.data.metrics)
     values["epochs"] = [m.value for m in client.get_metric_history(run.info.run_id, "time/epoch_seconds")]
     values["params"] = run.data.params
     return values, wall

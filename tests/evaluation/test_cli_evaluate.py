@@ -16,7 +16,9 @@ TRAIN = [a for a in SMALL_SYNTHETIC if not a.startswith(("tracking.", "gradcam."
 
 
 @pytest.mark.slow
-def test_train_compare_evaluate_predict_serve(run_cli, tracking_uri: str, tmp_path: Path) -> None:
+def test_train_compare_evaluate_predict_serve(run_cli, cli_in_process, tracking_uri: str, tmp_path: Path) -> None:
+    # the trainings are processes of their own; compare, evaluate and predict run in this process (their exit
+    # codes and output are what a process would give, without its start-up cost)
     for fusion, extra in (("average", []), ("stacking", ["tracking.register_as=xray-demo"])):
         result = run_cli([*FAST, f"fusion={fusion}", *TRAIN, *extra])
         assert result.returncode == 0, result.stderr[-3000:]
@@ -36,7 +38,7 @@ def test_train_compare_evaluate_predict_serve(run_cli, tracking_uri: str, tmp_pa
     assert len(versions) == 1 and versions[0].run_id == stacking
 
     # compare: Markdown table of both runs, CSV, ROC and bar plots; read-only
-    result = run_cli(["branches=true", "sort_by=auroc"], module="compare")
+    result = cli_in_process(["branches=true", "sort_by=auroc"], module="compare")
     assert result.returncode == 0, result.stderr[-3000:]
     table = result.stdout
     assert (
@@ -55,7 +57,7 @@ def test_train_compare_evaluate_predict_serve(run_cli, tracking_uri: str, tmp_pa
 
     # evaluate: external-validation style on another synthetic set, logged under eval/<name>/
     args = [f"run_id={stacking[:8]}", "data=synthetic", "data.n_test=48", "data.seed=7", "metrics.bootstrap=100"]
-    result = run_cli(args, module="evaluate")
+    result = cli_in_process(args, module="evaluate")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "| fused" in result.stdout and "| darknet" in result.stdout
     logged = client.get_run(stacking).data.metrics
@@ -64,7 +66,7 @@ def test_train_compare_evaluate_predict_serve(run_cli, tracking_uri: str, tmp_pa
             assert f"eval/synthetic/{model}/{metric}" in logged
         assert logged[f"eval/synthetic/{model}/auroc_ci_low"] <= logged[f"eval/synthetic/{model}/auroc_ci_high"]
     assert "eval/synthetic/predictions.csv" in artifact_paths(client, stacking)
-    result = run_cli([*args, "log=false", "name=printed"], module="evaluate")
+    result = cli_in_process([*args, "log=false", "name=printed"], module="evaluate")
     assert result.returncode == 0 and "eval/printed" in result.stdout
     assert not any(k.startswith("eval/printed") for k in client.get_run(stacking).data.metrics)
 
@@ -73,12 +75,14 @@ def test_train_compare_evaluate_predict_serve(run_cli, tracking_uri: str, tmp_pa
         write_image(tmp_path / "new" / f"img{i}.png", i % 2, size=48, seed=i)
     (tmp_path / "new" / "broken.png").write_bytes(b"")
     # an 8-character prefix (what compare and the sweep table show) is enough
-    result = run_cli([f"run_id={stacking[:8]}", f"inputs={tmp_path / 'new'}", "output=preds.csv"], module="predict")
+    result = cli_in_process(
+        [f"run_id={stacking[:8]}", f"inputs={tmp_path / 'new'}", "output=preds.csv"], module="predict"
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     preds = pd.read_csv(tmp_path / "preds.csv")
     assert len(preds) == 4 and preds["error"].notna().sum() == 1
     assert {"fused_prob_pneumonia", "small_cnn_prob_pneumonia", "darknet_prob_pneumonia"} <= set(preds.columns)
-    result = run_cli([f"run_id={stacking}", "inputs=/nowhere/*.png"], module="predict")
+    result = cli_in_process([f"run_id={stacking}", "inputs=/nowhere/*.png"], module="predict")
     assert result.returncode == 2 and "matched no image" in result.stderr and "Traceback" not in result.stderr
 
     # the logged pyfunc model through MLflow's own CLI, no xrayfusion command

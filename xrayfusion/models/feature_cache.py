@@ -212,6 +212,7 @@ def _write(path: Path, key: Mapping[str, Any], feats: Mapping[str, torch.Tensor]
     try:
         payload = {"key": json.dumps(key, sort_keys=True, default=str), **feats}
         torch.save(payload, tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; the decode cache beside it is readable by the group too
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
