@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -14,6 +16,23 @@ from omegaconf import DictConfig
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
+_EMPTY_STORE: list[Path] = []  # one migrated, empty MLflow SQLite store per test process
+
+
+def seed_store(folder: Path) -> None:
+    """Put an empty MLflow SQLite store at folder/mlflow.db unless one is there: a copy of one made once per test
+    process (a new store runs MLflow's schema migrations, about 3 s of CPU per training test otherwise). Only for
+    fixtures that train: read-only commands must still find no store where none was made."""
+    target = folder / "mlflow.db"
+    if target.exists():
+        return
+    if not _EMPTY_STORE:
+        import mlflow
+
+        template = Path(tempfile.mkdtemp(prefix="xrayfusion-empty-store-")) / "mlflow.db"
+        mlflow.MlflowClient(f"sqlite:///{template}").search_experiments()
+        _EMPTY_STORE.append(template)
+    shutil.copyfile(_EMPTY_STORE[0], target)
 
 
 def write_image(path: Path, value: int, size: int = 40, mode: str = "L", seed: int = 0) -> Path:
@@ -56,6 +75,8 @@ def run_cli(tmp_path: Path) -> Callable[..., subprocess.CompletedProcess]:
         }
         cmd = [sys.executable, "-m", f"xrayfusion.{module}", *args]
         if module in ("train", "search"):
+            if "MLFLOW_TRACKING_URI" not in (env or {}):
+                seed_store(tmp_path)
             cmd.append(f"hydra.run.dir={tmp_path}/outputs/run")
             cmd.append(f"paths.mlruns_dir={tmp_path}/mlruns")
         return subprocess.run(cmd, cwd=tmp_path, env=full_env, capture_output=True, text=True, timeout=timeout)
@@ -79,6 +100,8 @@ def cli_in_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytes
     def run(args: Sequence[str], module: str = "train") -> subprocess.CompletedProcess:
         entry = importlib.import_module("xrayfusion.data.__main__" if module == "data" else f"xrayfusion.{module}")
         extra = [f"hydra.run.dir={tmp_path}/outputs/run", f"paths.mlruns_dir={tmp_path}/mlruns"]
+        if module in ("train", "search"):
+            seed_store(tmp_path)
         monkeypatch.setattr(sys, "argv", [module, *args, *(extra if module in ("train", "search") else [])])
         GlobalHydra.instance().clear()
         capfd.readouterr()
@@ -117,6 +140,7 @@ def train_task(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[...,
     monkeypatch.chdir(tmp_path)
 
     def run(overrides: Sequence[str]) -> float | None:
+        seed_store(tmp_path)
         paths = [f"paths.root_dir={tmp_path}"]
         if not any(o.startswith("paths.output_dir=") for o in overrides):
             paths.append(f"paths.output_dir={tmp_path}/outputs/run")
