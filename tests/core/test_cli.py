@@ -46,8 +46,8 @@ def _one_error_line(result) -> str:
 
 
 @pytest.mark.slow
-def test_a_bad_trainer_key_fails_the_run_with_its_reason(run_cli, tracking_uri: str) -> None:
-    line = _one_error_line(run_cli([*SMALL_SYNTHETIC, "+trainer.max_epoch=1"]))
+def test_a_bad_trainer_key_fails_the_run_with_its_reason(cli_in_process, tracking_uri: str) -> None:
+    line = _one_error_line(cli_in_process([*SMALL_SYNTHETIC, "+trainer.max_epoch=1"]))
     assert "trainer.max_epoch" in line and "did you mean trainer.max_epochs" in line
     client = mlflow.MlflowClient(tracking_uri)
     (run,) = client.search_runs([client.get_experiment_by_name("xrayfusion").experiment_id])

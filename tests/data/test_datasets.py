@@ -285,10 +285,10 @@ def _only_run(tracking_uri: str) -> mlflow.entities.Run:
 
 
 @pytest.mark.slow
-def test_cli_coronahack_three_class_stacking_logs_skipped(run_cli, tracking_uri: str, tmp_path: Path) -> None:
+def test_cli_coronahack_three_class_stacking_logs_skipped(cli_in_process, tracking_uri: str, tmp_path: Path) -> None:
     info = make_coronahack(tmp_path / "ch")
     args = ["data=coronahack", f"data.root={tmp_path / 'ch'}", "data.task=three_class", "data.image_size=32"]
-    result = run_cli([*args, "data.val_fraction=0.3", "fusion=stacking", *TRAIN_FAST])
+    result = cli_in_process([*args, "data.val_fraction=0.3", "fusion=stacking", *TRAIN_FAST])
     assert result.returncode == 0, result.stderr[-3000:]
     assert "3 file(s) skipped" in result.stdout + result.stderr
     run = _only_run(tracking_uri)
@@ -306,14 +306,14 @@ def test_cli_coronahack_three_class_stacking_logs_skipped(run_cli, tracking_uri:
 
 
 @pytest.mark.slow
-def test_cli_folder_png16_dicom_broken_then_strict(run_cli, tracking_uri: str, tmp_path: Path) -> None:
+def test_cli_folder_png16_dicom_broken_then_strict(cli_in_process, tracking_uri: str, tmp_path: Path) -> None:
     make_folder(tmp_path / "f")
     args = ["data=folder", f"data.root={tmp_path / 'f'}", "data.image_size=32", "data.val_fraction=0.25"]
-    strict = run_cli([*args, "data.strict=true", *TRAIN_FAST])
+    strict = cli_in_process([*args, "data.strict=true", *TRAIN_FAST])
     assert strict.returncode == 2 and "data.strict=true and 5 file(s) skipped" in strict.stderr
     assert "zero.png" in strict.stderr and "Traceback" not in strict.stderr
     assert mlflow.MlflowClient(tracking_uri).get_experiment_by_name("xrayfusion") is None  # failed before any run
-    result = run_cli([*args, "fusion=average", *TRAIN_FAST])
+    result = cli_in_process([*args, "fusion=average", *TRAIN_FAST])
     assert result.returncode == 0, result.stderr[-3000:]
     run = _only_run(tracking_uri)
     assert run.data.params["data/class_names"] == "Healthy,bacterial_pneu,viral"
@@ -321,11 +321,11 @@ def test_cli_folder_png16_dicom_broken_then_strict(run_cli, tracking_uri: str, t
 
 
 @pytest.mark.slow
-def test_cli_wrong_csv_fails_at_once(run_cli, tmp_path: Path) -> None:
+def test_cli_wrong_csv_fails_at_once(cli_in_process, tmp_path: Path) -> None:
     root = tmp_path / "ch"
     make_coronahack(root)
     (root / CSV_NAME).write_text("name,label\na.jpeg,Normal\n")
-    result = run_cli(["data=coronahack", f"data.root={root}", "data.image_size=32", *TRAIN_FAST])
+    result = cli_in_process(["data=coronahack", f"data.root={root}", "data.image_size=32", *TRAIN_FAST])
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "X_ray_image_name" in result.stderr and "found name,label" in result.stderr
 

@@ -117,7 +117,8 @@ def test_cached_run_gives_the_same_probabilities_and_serving_needs_no_cache(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fusion", ["average", "voting", "stacking", "concat", "all-cached"])
+# average (the default fusion) is the cached run of the equality test above; voting runs all-cached here
+@pytest.mark.parametrize("fusion", ["stacking", "concat", "all-cached"])
 def test_mixed_ensemble_trains_with_every_fusion(
     train_task, tracking_uri: str, weights_dir: Path, fusion: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -125,9 +126,8 @@ def test_mixed_ensemble_trains_with_every_fusion(
     lookup = FeatureStore.lookup
     monkeypatch.setattr(FeatureStore, "lookup", lambda self, *a: looked_up.append(a[0]) or lookup(self, *a))
     # a cached frozen branch beside a branch that trains from scratch (with augmentation)
-    extra = (
-        [f"fusion={fusion}"] if fusion != "all-cached" else ["model.branches=[efficientnet_lite0,efficientnet_lite0]"]
-    )
+    all_cached = ["model.branches=[efficientnet_lite0,efficientnet_lite0]", "fusion=voting"]
+    extra = [f"fusion={fusion}"] if fusion != "all-cached" else all_cached
     train_task([*frozen_run(weights_dir, "model.feature_cache=true", *extra), "data.augment.enabled=true"])
     run = only_run(tracking_uri)
     assert run.info.status == "FINISHED"

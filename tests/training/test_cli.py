@@ -41,8 +41,8 @@ def test_train_each_fusion_logs_a_complete_run(train_task, tracking_uri: str, fu
 
 
 @pytest.mark.slow
-def test_backbone_too_small_for_image_size_is_a_clean_error(run_cli) -> None:
-    result = run_cli(["model=single", "model.branches=[densenet121]", "data=synthetic", "data.image_size=28"])
+def test_backbone_too_small_for_image_size_is_a_clean_error(cli_in_process) -> None:
+    result = cli_in_process(["model=single", "model.branches=[densenet121]", "data=synthetic", "data.image_size=28"])
     assert result.returncode != 0
     assert "densenet121" in result.stderr and "data.image_size=32" in result.stderr
     assert "Traceback" not in result.stderr + result.stdout
@@ -69,14 +69,14 @@ def test_kermany_layout_trains_end_to_end(train_task, tracking_uri: str, kermany
 
 
 @pytest.mark.slow
-def test_speed_switches_together_train_and_log(run_cli, tracking_uri: str) -> None:
+def test_speed_switches_together_train_and_log(cli_in_process, tracking_uri: str) -> None:
     switches = [
         "trainer.precision=bf16-mixed",
         "model.channels_last=true",
         "optimizer.fused=true",
         "model.bf16_branches=[small_cnn]",
     ]
-    result = run_cli(["model=ensemble", "model.branches=[resnet18,small_cnn]", *switches, *SMALL_SYNTHETIC])
+    result = cli_in_process(["model=ensemble", "model.branches=[resnet18,small_cnn]", *switches, *SMALL_SYNTHETIC])
     assert result.returncode == 0, result.stderr[-3000:]
     client = mlflow.MlflowClient(tracking_uri)
     (run,) = client.search_runs([client.get_experiment_by_name("xrayfusion").experiment_id])
@@ -88,8 +88,8 @@ def test_speed_switches_together_train_and_log(run_cli, tracking_uri: str) -> No
 
 
 @pytest.mark.slow
-def test_bf16_branches_auto_logs_its_choice(run_cli, tracking_uri: str) -> None:
-    result = run_cli(
+def test_bf16_branches_auto_logs_its_choice(cli_in_process, tracking_uri: str) -> None:
+    result = cli_in_process(
         ["model=ensemble", "model.branches=[resnet18,small_cnn]", "model.bf16_branches=auto", *SMALL_SYNTHETIC]
     )
     assert result.returncode == 0, result.stderr[-3000:]

@@ -26,9 +26,9 @@ def read_csv(tracking_uri: str, run_id: str, name: str) -> list[dict[str, str]]:
 
 
 @pytest.mark.slow
-def test_cross_fitted_stacking_logs_folds_oof_calibration_and_thresholds(run_cli, tracking_uri: str) -> None:
+def test_cross_fitted_stacking_logs_folds_oof_calibration_and_thresholds(cli_in_process, tracking_uri: str) -> None:
     args = ["model=ensemble", "model.branches=[resnet18,small_cnn]", "fusion=stacking", "fusion.cv=2"]
-    result = run_cli([*args, "fusion.calibrate=true", "metrics.threshold=youden", *SMALL_SYNTHETIC])
+    result = cli_in_process([*args, "fusion.calibrate=true", "metrics.threshold=youden", *SMALL_SYNTHETIC])
     assert result.returncode == 0, result.stderr[-3000:]
     output = result.stdout + result.stderr
     assert "fold 1/2" in output and "fold 2/2" in output
@@ -66,9 +66,11 @@ def test_cross_fitted_stacking_logs_folds_oof_calibration_and_thresholds(run_cli
         (["fusion=average", "fusion.weights=learned"], "average/weight_small_cnn"),
     ],
 )
-def test_holdout_fits_log_what_they_fitted(run_cli, tracking_uri: str, fusion_args: list, fitted_param: str) -> None:
+def test_holdout_fits_log_what_they_fitted(
+    cli_in_process, tracking_uri: str, fusion_args: list, fitted_param: str
+) -> None:
     args = ["model.branches=[small_cnn,small_cnn]", *fusion_args, "metrics.threshold=sensitivity@0.9"]
-    result = run_cli([*args, *SMALL_SYNTHETIC])
+    result = cli_in_process([*args, *SMALL_SYNTHETIC])
     assert result.returncode == 0, result.stderr[-3000:]
     parent, folds = parent_and_children(tracking_uri)
     assert folds == [] and parent.info.status == "FINISHED"

@@ -273,10 +273,10 @@ def test_freeze_callbacks_from_config(weights_dir: Path) -> None:
 
 @pytest.mark.slow
 def test_cli_loads_weights_logs_the_file_and_fails_on_empty_dir(
-    run_cli, tracking_uri: str, weights_dir: Path, tmp_path: Path
+    cli_in_process, tracking_uri: str, weights_dir: Path, tmp_path: Path
 ) -> None:
     args = ["model=single", "model.branches=[efficientnet_lite0]", "model.pretrained=true"]
-    result = run_cli(
+    result = cli_in_process(
         [*args, f"model.weights_dir={weights_dir}", "model.freeze_backbone_epochs=1", *SMALL_SYNTHETIC[:-2]]
         + ["trainer.max_epochs=2", "trainer.enable_progress_bar=false"]
     )
@@ -287,6 +287,6 @@ def test_cli_loads_weights_logs_the_file_and_fails_on_empty_dir(
     assert "unfroze" in result.stderr + result.stdout
     empty = tmp_path / "empty"
     empty.mkdir()
-    failed = run_cli([*args, f"model.weights_dir={empty}", "data=synthetic"])
+    failed = cli_in_process([*args, f"model.weights_dir={empty}", "data=synthetic"])
     assert failed.returncode == 2 and str(empty / "efficientnet_lite0.pth") in failed.stderr
     assert "Traceback" not in failed.stderr and "Epoch" not in failed.stderr
