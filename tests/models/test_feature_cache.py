@@ -46,7 +46,7 @@ def frozen_run(weights_dir: Path, *extra: str) -> list[str]:
     ]
 
 
-def only_run(tracking_uri: str, run_name_part: str | None = None) -> mlflow.entities.Run:
+def latest_run(tracking_uri: str) -> mlflow.entities.Run:
     client = mlflow.MlflowClient(tracking_uri)
     runs = client.search_runs([client.get_experiment_by_name("xrayfusion").experiment_id], order_by=["start_time"])
     return runs[-1]
@@ -57,18 +57,15 @@ def test_cached_run_gives_the_same_probabilities_and_serving_needs_no_cache(
 ) -> None:
     client = mlflow.MlflowClient(tracking_uri)
     cache = tmp_path / "cache"
+
+    def cached_run(out: str) -> mlflow.entities.Run:
+        cfg = ["trainer.max_epochs=2", "model.feature_cache=true", f"+data.cache_dir={cache}"]
+        train_task(frozen_run(weights_dir, *cfg, f"paths.output_dir={tmp_path}/{out}"))
+        return latest_run(tracking_uri)
+
     train_task(frozen_run(weights_dir, "trainer.max_epochs=2", f"paths.output_dir={tmp_path}/live"))
-    live = only_run(tracking_uri)
-    train_task(
-        frozen_run(
-            weights_dir,
-            "trainer.max_epochs=2",
-            "model.feature_cache=true",
-            f"+data.cache_dir={cache}",
-            f"paths.output_dir={tmp_path}/cached",
-        )
-    )
-    cached = only_run(tracking_uri)
+    live = latest_run(tracking_uri)
+    cached = cached_run("cached")
     assert cached.data.params["feature_cache/branches"] == "efficientnet_lite0"
     assert cached.data.params["feature_cache/computed"] == "efficientnet_lite0"
     assert cached.data.params["feature_cache/augmentation"] == "none (un-augmented images)"
@@ -85,16 +82,7 @@ def test_cached_run_gives_the_same_probabilities_and_serving_needs_no_cache(
     np.testing.assert_allclose(logged[probs].to_numpy(), without.loc[logged.index, probs].to_numpy(), atol=1e-5)
 
     # a second run reads the file instead of computing it
-    train_task(
-        frozen_run(
-            weights_dir,
-            "trainer.max_epochs=2",
-            "model.feature_cache=true",
-            f"+data.cache_dir={cache}",
-            f"paths.output_dir={tmp_path}/again",
-        )
-    )
-    again = only_run(tracking_uri)
+    again = cached_run("again")
     assert again.data.params["feature_cache/read"] == "efficientnet_lite0"
     assert again.data.params["feature_cache/computed"] == "none"
 
@@ -129,7 +117,7 @@ def test_mixed_ensemble_trains_with_every_fusion(
     all_cached = ["model.branches=[efficientnet_lite0,efficientnet_lite0]", "fusion=voting"]
     extra = [f"fusion={fusion}"] if fusion != "all-cached" else all_cached
     train_task([*frozen_run(weights_dir, "model.feature_cache=true", *extra), "data.augment.enabled=true"])
-    run = only_run(tracking_uri)
+    run = latest_run(tracking_uri)
     assert run.info.status == "FINISHED"
     cached = "efficientnet_lite0,efficientnet_lite0_2" if fusion == "all-cached" else "efficientnet_lite0"
     assert run.data.params["feature_cache/branches"] == cached

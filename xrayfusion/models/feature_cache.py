@@ -52,10 +52,6 @@ class FeatureStore:
     val: dict[str, torch.Tensor]
     needs_images: bool  # False when every branch is cached: loaders then skip decoding and augmenting
 
-    @property
-    def keys(self) -> list[str]:
-        return list(self.train)
-
     def lookup(self, split: str, index: torch.Tensor, device: torch.device) -> tuple[dict, dict | None]:
         """(features, mirrored features or None) of the images at `index` of `split` ('train' or 'val').
 
