@@ -16,13 +16,16 @@ pytest.importorskip("onnxruntime", reason="pip install onnx onnxscript onnxrunti
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fusion", ["average", "stacking-logreg", "stacking-hgb", "concat", "voting", "average-sizes"])
+@pytest.mark.parametrize(
+    "fusion", ["average", "stacking-logreg", "stacking-hgb", "concat", "voting", "average-sizes-tta"]
+)
 def test_exported_ensemble_matches_pytorch(fusion: str, tmp_path: Path) -> None:
-    name, _, meta = fusion.partition("-")
+    name, _, meta = fusion.removesuffix("-tta").partition("-")
     model = tiny_model(name)
-    if meta == "sizes":  # small_cnn at its own 24 px: the on-device resize is part of the exported graph
-        model, meta = type(model)(**{**model.hparams, "branch_sizes": {"small_cnn": 24}}).eval(), ""
-        assert model.sizes == [24, 32]
+    if meta == "sizes":  # small_cnn at its own 24 px, and test-time flips and scales: all in the exported graph
+        switches = {"branch_sizes": {"small_cnn": 24}, "tta": "flips_scales", "tta_scales": [1.25]}
+        model, meta = type(model)(**{**model.hparams, **switches}).eval(), ""
+        assert model.sizes == [24, 32] and len(model.views) == 4
     if meta:
         model = type(model)(**{**model.hparams, "fusion": {"name": "stacking", "meta": meta}}).eval()
         gen = torch.Generator().manual_seed(0)

@@ -35,7 +35,8 @@ RUN = [
         [
             "fusion=average",
             "trainer.precision=bf16-mixed",
-            "model.tta=flips",
+            "model.tta=flips_scales",
+            "model.tta_scales=[1.25]",
             "model.equalize=hist",
             "model.branch_sizes={small_cnn: 24}",
         ],
@@ -53,7 +54,13 @@ def test_logged_test_results_equal_evaluate_predict_and_served(
     model = load_classifier(ckpt)
     if "trainer.precision=bf16-mixed" in extra:
         assert model.hparams.autocast == "bf16"  # stored: served in the precision it was tested in
-        assert model.hparams.tta == "flips"  # and with the test-time augmentation it was tested with
+        # and with the test-time augmentation it was tested with: the image and its mirror, each at 1 and 1.25x
+        assert model.hparams.tta == "flips_scales" and [(v.flip, v.scale) for v in model.views] == [
+            (False, 1.0),
+            (False, 1.25),
+            (True, 1.0),
+            (True, 1.25),
+        ]
         assert model.sizes == [24, 32]  # and each branch at its own input size (small_cnn 24 px, darknet 32 px)
     # the input equalisation is part of the model: evaluate, predict and the served model equalise alike
     assert model.hparams.equalize == ("clahe" if "model.equalize=clahe" in extra else "hist")

@@ -8,6 +8,7 @@ from sklearn.metrics import roc_auc_score
 
 from tests.conftest import REPO
 from xrayfusion import tracking
+from xrayfusion.core.errors import ConfigError
 from xrayfusion.data import XRayDataModule
 from xrayfusion.fusion import crossfit
 from xrayfusion.fusion.strategies import build_fusion
@@ -121,3 +122,19 @@ def test_folds_train_with_the_final_recipe_and_never_on_their_held_out_fold(tmp_
         assert held and not names & held and names | held == set(train.names)
     runs = parent.experiment.search_runs([parent.experiment_id], f"tags.mlflow.parentRunId = '{parent.run_id}'")
     assert len(runs) == 2 and all("calibration/temperature_small_cnn" in r.data.params for r in runs)
+
+
+def test_auto_cv_fits_out_of_fold_only_when_validation_is_saturated() -> None:
+    folds_when_saturated, why = crossfit.choose_cv({"a": 0.9991, "b": 0.97}, 0.995, 5)
+    assert folds_when_saturated == 5 and "best branch a val AUROC 0.9991 >= 0.995" in why
+    assert crossfit.choose_cv({"a": 0.99, "b": 0.97}, 0.995, 5) == (
+        None,
+        "validation informative: best branch a val AUROC 0.9900 < 0.995",
+    )
+    assert crossfit.choose_cv({"a": 1.0}, 0.995, 0)[0] == 0  # folds=0: no fit, equal weights
+    assert crossfit.choose_cv({"a": float("nan")}, 0.995, 5)[0] is None  # one class: nothing says saturated
+    assert crossfit.parse_cv("auto") == crossfit.AUTO and crossfit.parse_cv(" holdout ") is None
+    assert crossfit.auto_settings(None) == (0.995, 5)
+    for bad, match in (({"saturated_at": 0.3}, "saturated_at=0.3"), ({"folds": 1}, "folds=1"), ({"folds": "x"}, "x")):
+        with pytest.raises(ConfigError, match=match):
+            crossfit.auto_settings(bad)

@@ -188,7 +188,7 @@ def test_hits_misses_key_changes_and_damaged_files(weights_dir: Path, tmp_path: 
 
 
 def test_augmented_views_are_drawn_once_with_a_fixed_seed(weights_dir: Path, tmp_path: Path) -> None:
-    model = frozen_model(weights_dir, tta="flips")
+    model = frozen_model(weights_dir, tta="flips_scales", tta_scales=[1.25])
     train, val = image_set(8, 0), image_set(4, 1)
     augment = v2.Compose([v2.RandomHorizontalFlip(0.5), v2.RandomAffine(degrees=10)])
     rng = torch.get_rng_state()
@@ -199,7 +199,8 @@ def test_augmented_views_are_drawn_once_with_a_fixed_seed(weights_dir: Path, tmp
     assert not torch.allclose(feats[0], feats[1]) and not torch.allclose(feats[1], feats[2])
     same, _ = build_store(model, ["efficientnet_lite0"], train, val, None, views=3, augment=augment, seed=3)
     assert torch.equal(same.train["efficientnet_lite0"], feats)  # fixed seed: the same views
-    assert store.val["efficientnet_lite0"].shape[0] == 2  # tta=flips: the images and their mirrors
+    # tta=flips_scales: the images at scales 1 and 1.25, then their mirrors at both
+    assert store.val["efficientnet_lite0"].shape[0] == 4
 
     index = torch.tensor([0, 5, 7])
     torch.manual_seed(0)
@@ -208,8 +209,80 @@ def test_augmented_views_are_drawn_once_with_a_fixed_seed(weights_dir: Path, tmp
     assert mirrored is None
     for r, i in enumerate(index.tolist()):  # each row is one of that image's views
         assert any(torch.equal(rows[r], feats[v, i]) for v in range(3))
-    plain, mirrored = store.lookup("val", torch.tensor([1, 2]), torch.device("cpu"))
-    assert torch.equal(mirrored["efficientnet_lite0"], store.val["efficientnet_lite0"][1, [1, 2]])
+    plain, others = store.lookup("val", torch.tensor([1, 2]), torch.device("cpu"))
+    assert len(others) == 3  # the views after the plain one, in model.views order
+    for t in range(1, len(model.views)):
+        assert torch.equal(others[t - 1]["efficientnet_lite0"], store.val["efficientnet_lite0"][t, [1, 2]])
+    view = model.views[-1]
+    # each view's row is that view's live features: mirrored and resized as the model's forward does
+    x = view.apply(val.images[[1, 2]])
+    with torch.no_grad():
+        live = model.eval().branch_features(x, 0, None, view)
+    assert torch.allclose(others[-1]["efficientnet_lite0"], live, atol=1e-5)
 
     fold = store.subset_train([2, 3])
     assert torch.equal(fold.train["efficientnet_lite0"], feats[:, [2, 3]])
+
+
+def test_predictions_from_cached_features_equal_the_live_ones(weights_dir: Path) -> None:
+    from xrayfusion.evaluation.inference import predict
+
+    train, val = image_set(10, 0), image_set(6, 1)
+    model = frozen_model(weights_dir, tta="flips_scales", tta_scales=[0.75]).eval()
+    store, _ = build_store(model, ["efficientnet_lite0"], train, val, None)
+    live, cached = predict(model, val, 4), predict(model, val, 4, store.eval_features("val", len(model.views)))
+    assert torch.allclose(cached.fused, live.fused, atol=1e-5) and torch.allclose(cached.logits, live.logits, atol=1e-5)
+    # training images (a cross-fit fold's held-out rows) have only the plain view cached: tta models predict live
+    assert store.eval_features("train", len(model.views), [1, 2]) is None
+
+    plain = frozen_model(weights_dir).eval()
+    store, _ = build_store(plain, ["efficientnet_lite0"], train, val, None)
+    held = [7, 2, 5]
+    features = store.eval_features("train", 1, held)
+    assert torch.allclose(
+        predict(plain, train.subset(held), 2, features).fused, predict(plain, train.subset(held)).fused, atol=1e-5
+    )
+    with pytest.raises(ValueError, match="1 test-time views and the data 10 images"):
+        predict(plain, train, 4, store.eval_features("train", 1, held))
+    augment = v2.RandomAffine(degrees=10)
+    views, _ = build_store(plain, ["efficientnet_lite0"], train, val, None, views=2, augment=augment, seed=1)
+    assert views.eval_features("train", 1, held) is None  # augmented views: the un-augmented image is not stored
+    assert views.eval_features("val", 1) is not None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("folds", [2, 0])
+def test_auto_cv_on_a_saturated_validation_fits_out_of_fold_from_the_cache(
+    train_task, tracking_uri: str, tmp_path: Path, weights_dir: Path, folds: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from xrayfusion.training import folds as folds_module
+
+    held_out = []
+    predict = folds_module.predict
+    monkeypatch.setattr(
+        folds_module, "predict", lambda m, data, bs, feats=None: held_out.append(feats) or predict(m, data, bs, feats)
+    )
+    # saturated_at just above chance: the blob images are learnt in one epoch, so validation counts as saturated
+    auto = ["fusion.weights=learned", "fusion.cv=auto", "fusion.auto_cv.saturated_at=0.5001"]
+    train_task(frozen_run(weights_dir, "model.feature_cache=true", *auto, f"fusion.auto_cv.folds={folds}"))
+    client = mlflow.MlflowClient(tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name("xrayfusion").experiment_id])
+    [run] = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]  # the folds are its nested runs
+    params, metrics = run.data.params, run.data.metrics
+    best = max(metrics["val/efficientnet_lite0/auroc"], metrics["val/small_cnn/auroc"])
+    assert best >= 0.5001 and params["fusion/cv_rule"] == "auto"
+    assert (
+        params["fusion/cv_reason"].startswith("validation saturated: best branch")
+        and f"{best:.4f}" in params["fusion/cv_reason"]
+    )
+    if folds:
+        assert params["fusion/fitted_on"] == "oof_cv2"
+        # each fold predicted its held-out training images from the cached features of the frozen branch
+        assert len(held_out) == 2 and all(f is not None and set(f) == {"efficientnet_lite0"} for f in held_out)
+        rows = pd.read_csv(tmp_path / "outputs/run/oof_predictions.csv")
+        assert len(rows) == 64 and set(rows["fold"]) == {1, 2}
+    else:  # no fit: the weights stay equal, and the threshold is chosen on validation directly
+        assert params["fusion/fitted_on"] == "none" and not held_out
+        assert float(params["average/weight_efficientnet_lite0"]) == float(params["average/weight_small_cnn"]) == 0.5
+        assert params["threshold/fused_chosen_on"] == "val"
+    assert run.info.status == "FINISHED"

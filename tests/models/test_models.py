@@ -94,6 +94,43 @@ def test_tta_flips_averages_each_image_and_its_mirror_in_eval_mode_only(tmp_path
         FusionClassifier(["small_cnn"], 2, {"name": "average"}, tta="rotate")
 
 
+def test_tta_scales_average_each_branch_at_every_scale(tmp_path) -> None:
+    import torch
+    import torch.nn.functional as F
+
+    from tests.evaluation.test_evaluation import save_checkpoint
+    from xrayfusion.evaluation.loading import load_classifier
+
+    torch.manual_seed(0)
+    plain = FusionClassifier(["small_cnn", "darknet"], 2, {"name": "average"}, image_size=32).eval()
+    tta = FusionClassifier(**{**plain.hparams, "tta": "scales", "tta_scales": [1.5, 1.25]}).eval()
+    tta.load_state_dict(plain.state_dict())
+    x = torch.randint(0, 256, (4, 1, 32, 32), dtype=torch.uint8)
+    expected = []
+    with torch.no_grad():
+        for size in (32, 48, 40):  # the same weights fed the images resized beforehand, at every scale
+            at = FusionClassifier(**{**plain.hparams, "image_size": size}).eval()
+            at.load_state_dict(plain.state_dict())
+            resized = F.interpolate(x.float() / 255, size=(size, size), mode="bilinear", antialias=True)
+            expected.append(at(resized)["fused_probs"])
+        assert torch.allclose(tta(x)["fused_probs"], torch.stack(expected).mean(0), atol=1e-5)
+        assert torch.equal(tta(x)["logits"], plain(x)["logits"])  # logits: the plain view (what calibration fits)
+        assert not torch.allclose(tta(x)["fused_probs"], plain(x)["fused_probs"])
+        both = FusionClassifier(**{**tta.hparams, "tta": "flips_scales"}).eval()
+        both.load_state_dict(plain.state_dict())
+        flipped = torch.flip(x, dims=[-1])
+        assert torch.allclose(
+            both(x)["fused_probs"], (tta(x)["fused_probs"] + tta(flipped)["fused_probs"]) / 2, atol=1e-6
+        )
+    loaded = load_classifier(save_checkpoint(tta, tmp_path / "best.ckpt"))
+    assert loaded.hparams.tta == "scales" and [v.scale for v in loaded.views] == [1.0, 1.5, 1.25]
+    with pytest.raises(ConfigError, match=r"'darknet' cannot take the 24x24 px inputs model.tta_scales=\[0.75\]"):
+        FusionClassifier(["darknet"], 2, {"name": "average"}, image_size=32, tta="scales", tta_scales=[0.75])
+    for scales, match in (([1.0], "not 1"), ([], "must list"), (["big"], "must list"), ([9], "between 0.25")):
+        with pytest.raises(ConfigError, match=match):
+            FusionClassifier(["small_cnn"], 2, {"name": "average"}, tta="scales", tta_scales=scales)
+
+
 def test_each_branch_runs_at_its_own_input_size() -> None:
     model = FusionClassifier(
         branches=["small_cnn", "darknet"],

@@ -6,7 +6,7 @@ predict through `predict`, so every number they report comes from the same forwa
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -51,12 +51,44 @@ def _batches(data: torch.Tensor | ImageSet | DataLoader, batch_size: int) -> Ite
     return ((x, y) for x, y in data)
 
 
-def predict(model: FusionClassifier, data: torch.Tensor | ImageSet | DataLoader, batch_size: int = 64) -> Predictions:
-    """Predict uint8 images (N, 1, H, W), an ImageSet or a loader of (images, labels) batches, in eval mode."""
+def _rows(
+    features: Mapping[str, torch.Tensor] | None, start: int, n: int, device: torch.device
+) -> tuple[dict[str, torch.Tensor] | None, list[dict[str, torch.Tensor]] | None]:
+    """The cached features of images start..start+n: those of the plain view, and of each other view."""
+    if not features:
+        return None, None
+    views = next(iter(features.values())).shape[0]
+    by_view = [{k: v[t, start : start + n].to(device) for k, v in features.items()} for t in range(views)]
+    return by_view[0], by_view[1:] or None
+
+
+def predict(
+    model: FusionClassifier,
+    data: torch.Tensor | ImageSet | DataLoader,
+    batch_size: int = 64,
+    features: Mapping[str, torch.Tensor] | None = None,
+) -> Predictions:
+    """Predict uint8 images (N, 1, H, W), an ImageSet or a loader of (images, labels) batches, in eval mode.
+
+    `features` (branch key -> (T, N, D), one row per test-time view of each of the N images in order; see
+    models/feature_cache.FeatureStore) are cached pooled features of frozen branches, used in place of running
+    those backbones: the same forward, given what the backbones would compute (training-time passes only;
+    evaluate, predict and the served model always run the backbones)."""
+    if features is not None and isinstance(data, DataLoader):
+        raise ValueError("cached features need the images in order: pass a tensor or an ImageSet, not a loader")
+    for key, table in (features or {}).items():
+        if table.shape[0] != len(model.views) or table.shape[1] != len(data):
+            raise ValueError(
+                f"cached features of {key} have {tuple(table.shape[:2])} (views, images); the model has "
+                f"{len(model.views)} test-time views and the data {len(data)} images"
+            )
     parts: dict[str, list[torch.Tensor]] = {"logits": [], "probs": [], "fused": [], "labels": []}
+    start = 0
     with eval_mode(model):
         for x, y in _batches(data, batch_size):
-            out = model(x.to(model.device))
+            cached, others = _rows(features, start, len(x), model.device)
+            start += len(x)
+            out = model(x.to(model.device), cached, others)
             parts["logits"].append(out["logits"].float().cpu())
             parts["probs"].append(out["probs"].float().cpu())
             parts["fused"].append(out["fused_probs"].float().cpu())

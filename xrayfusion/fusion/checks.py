@@ -7,7 +7,7 @@ from typing import Any
 
 from xrayfusion.core.errors import ConfigError
 from xrayfusion.fusion import thresholds
-from xrayfusion.fusion.crossfit import parse_cv
+from xrayfusion.fusion.crossfit import AUTO, auto_settings, parse_cv
 from xrayfusion.fusion.meta import check_hgb_export, check_meta
 from xrayfusion.fusion.strategies import check_fusion
 
@@ -27,6 +27,13 @@ def validate_fusion(cfg: Mapping[str, Any], n_branches: int) -> None:
             f"fusion.cv={fusion.get('cv')} only applies to fitted fusions; use fusion=stacking or "
             "fusion=average fusion.weights=learned, or drop fusion.cv"
         )
+    if cv == AUTO:
+        _, folds = auto_settings(fusion.get("auto_cv"))
+        if folds == 0 and not learned:
+            raise ConfigError(
+                "fusion.auto_cv.folds=0 (equal weights when validation is saturated) needs fusion=average "
+                "fusion.weights=learned; a stacking meta-learner must be fitted: use fusion.auto_cv.folds=5"
+            )
     if not isinstance(fusion.get("calibrate", False), bool):
         raise ConfigError(f"fusion.calibrate={fusion.get('calibrate')!r} must be true or false")
     thresholds.parse_rule(cfg.get("metrics", {}).get("threshold", 0.5))

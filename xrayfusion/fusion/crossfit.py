@@ -6,7 +6,7 @@ model that never saw it. What trains a fold is the caller's (xrayfusion.training
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -16,19 +16,64 @@ from xrayfusion.core.errors import ConfigError
 from xrayfusion.data.splits import grouped_folds
 
 FitPredict = Callable[[int, np.ndarray, np.ndarray], torch.Tensor]
+AUTO = "auto"
 
 
-def parse_cv(value: Any) -> int | None:
-    """fusion.cv: 'holdout' (or null) -> None; an integer K >= 2 -> K."""
+def parse_cv(value: Any) -> int | str | None:
+    """fusion.cv: 'holdout' (or null) -> None; an integer K >= 2 -> K; 'auto' -> 'auto' (see `choose_cv`)."""
     if value is None or str(value).strip().lower() == "holdout":
         return None
+    if str(value).strip().lower() == AUTO:
+        return AUTO
     try:
         k = int(value)
     except (TypeError, ValueError):
         k = 0
     if k < 2 or str(k) != str(value).strip():
-        raise ConfigError(f"fusion.cv={value!r} must be 'holdout' or a number of folds >= 2, e.g. fusion.cv=5")
+        raise ConfigError(f"fusion.cv={value!r} must be 'holdout', 'auto' or a number of folds >= 2, e.g. fusion.cv=5")
     return k
+
+
+def auto_settings(value: Any) -> tuple[float, int]:
+    """fusion.auto_cv {saturated_at, folds} as (float, int); ConfigError naming the fix for bad values."""
+    value = value or {}
+    saturated_at, folds = value.get("saturated_at", 0.995), value.get("folds", 5)
+    try:
+        saturated = float(saturated_at)
+    except (TypeError, ValueError):
+        saturated = -1.0
+    try:
+        k = int(folds)
+    except (TypeError, ValueError):
+        k = -1
+    if not 0.5 < saturated <= 1.0:
+        raise ConfigError(
+            f"fusion.auto_cv.saturated_at={saturated_at!r} must be a validation AUROC in (0.5, 1], e.g. 0.995"
+        )
+    if k == 1 or k < 0 or str(k) != str(folds).strip():
+        raise ConfigError(
+            f"fusion.auto_cv.folds={folds!r} must be 0 (keep the fusion unfitted: equal weights) or a number "
+            "of folds >= 2, e.g. 5"
+        )
+    return saturated, k
+
+
+def choose_cv(branch_aurocs: Mapping[str, float], saturated_at: float, folds: int) -> tuple[int | None, str]:
+    """fusion.cv=auto: where to fit the fusion, from the branches' validation AUROCs, and why.
+
+    When the best branch already ranks the validation split (almost) perfectly (AUROC >= `saturated_at`),
+    validation holds too few mistakes to learn from: a fusion fitted there learns to copy that branch. Then the
+    fusion is fitted on `folds`-fold out-of-fold predictions of the training split (0: not fitted, equal
+    weights). Otherwise validation is informative and the fusion is fitted there (None: holdout)."""
+    defined = {k: v for k, v in branch_aurocs.items() if v == v}
+    if not defined:
+        return None, "validation AUROC undefined (one class in validation): fitted on validation"
+    best = max(defined, key=lambda k: defined[k])
+    top = defined[best]
+    if top < saturated_at:
+        return None, f"validation informative: best branch {best} val AUROC {top:.4f} < {saturated_at}"
+    where = f"{folds}-fold out-of-fold predictions" if folds else "no fit (equal weights)"
+    return folds or 0, f"validation saturated: best branch {best} val AUROC {top:.4f} >= {saturated_at}: {where}"
 
 
 def cross_fit(

@@ -10,7 +10,8 @@ reads them: only the heads, the fusion and the trainable branches run per step.
 Augmentation: features of randomly augmented images cannot be computed once. `views=0` caches the
 un-augmented images (the cached branches then train without augmentation; the run logs it), `views=K` caches
 K augmented views per training image, drawn once with a fixed seed, and each step picks one per image at
-random. Validation features are those of the un-augmented images (and their mirrors when `tta=flips`).
+random. Validation features are those of the un-augmented images in every test-time view (models/tta.py: the
+image, its mirror, its rescaled copies).
 
 The checkpoint holds the whole model: evaluate, predict and the served model run the backbones live and never
 need the cache.
@@ -35,6 +36,7 @@ from torchvision.transforms import v2
 from xrayfusion.core.modes import eval_mode
 from xrayfusion.data import ImageSet
 from xrayfusion.models.module import FusionClassifier
+from xrayfusion.models.tta import PLAIN, View
 
 log = logging.getLogger(__name__)
 
@@ -45,30 +47,52 @@ _FILE_DIGESTS: dict[tuple[str, int, int], str] = {}
 @dataclass
 class FeatureStore:
     """Cached pooled features by branch key: `train[key]` (V, N, D) with V augmented views (1: un-augmented),
-    `val[key]` (T, N, D) with T = 1, or 2 for tta=flips (the image, its mirror). Rows follow the ImageSets'
-    order; a loader that yields (image, label, index) batches looks features up by index."""
+    `val[key]` (T, N, D) with one row per test-time view (`model.views`: 1 without tta, the plain image first).
+    Rows follow the ImageSets' order; a loader that yields (image, label, index) batches looks features up by
+    index."""
 
     train: dict[str, torch.Tensor]
     val: dict[str, torch.Tensor]
     needs_images: bool  # False when every branch is cached: loaders then skip decoding and augmenting
 
-    def lookup(self, split: str, index: torch.Tensor, device: torch.device) -> tuple[dict, dict | None]:
-        """(features, mirrored features or None) of the images at `index` of `split` ('train' or 'val').
+    def lookup(self, split: str, index: torch.Tensor, device: torch.device) -> tuple[dict, list[dict] | None]:
+        """(features, features of the other test-time views or None) of the images at `index` of `split`
+        ('train' or 'val').
 
         Training draws one of the V views per image (torch's global generator, so a seeded run repeats);
         with one view nothing is drawn."""
         table = self.train if split == "train" else self.val
         index = index.cpu().long()
-        plain, mirrored = {}, {}
+        plain: dict[str, torch.Tensor] = {}
+        others: list[dict[str, torch.Tensor]] = []
         for key, feats in table.items():
             if split == "train" and feats.shape[0] > 1:
                 view = torch.randint(feats.shape[0], (len(index),))
                 plain[key] = feats[view, index].to(device, non_blocking=True)
-            else:
-                plain[key] = feats[0, index].to(device, non_blocking=True)
-                if feats.shape[0] > 1:
-                    mirrored[key] = feats[1, index].to(device, non_blocking=True)
-        return plain, mirrored or None
+                continue
+            plain[key] = feats[0, index].to(device, non_blocking=True)
+            for t in range(1, feats.shape[0]):
+                if len(others) < t:
+                    others.append({})
+                others[t - 1][key] = feats[t, index].to(device, non_blocking=True)
+        return plain, others or None
+
+    def eval_features(
+        self, split: str, n_views: int, index: Sequence[int] | None = None
+    ) -> dict[str, torch.Tensor] | None:
+        """Features for an eval-mode prediction (evaluation.inference.predict) of the `split` images at `index`
+        (all when None), (T, n, D) per cached branch with T = `n_views` test-time views; None when the store
+        does not hold them: training images cached as augmented views (their un-augmented features are not
+        stored) or with fewer views than the model's test-time augmentation needs."""
+        table = self.train if split == "train" else self.val
+        if not table or any(v.shape[0] != n_views for v in table.values()):
+            return None
+        if split == "train" and any(v.shape[0] != 1 for v in self.train.values()):
+            return None
+        if index is None:
+            return dict(table)
+        rows = torch.as_tensor(list(index), dtype=torch.long)
+        return {k: v[:, rows] for k, v in table.items()}
 
     def subset_train(self, index: Sequence[int]) -> FeatureStore:
         """The store of a cross-fit fold trained on the training images at `index` (validation unchanged)."""
@@ -125,7 +149,7 @@ def cache_key(
         "precision": {"branch_bf16": key in model.bf16_keys, "autocast": hp.get("autocast")},
         "normalise": [model.mean[branch].flatten().tolist(), model.std[branch].flatten().tolist()],
         "equalize": hp.get("equalize"),
-        "tta": str(hp.get("tta", "none")),
+        "tta": [[v.flip, v.scale] for v in model.views],
         "drop_rate": float(hp.get("drop_rate", 0.0)),
         "data": dict(digests),
         "views": int(views),
@@ -140,13 +164,16 @@ def key_name(backbone: str, key: Mapping[str, Any]) -> str:
 
 
 # ---- computing ---------------------------------------------------------------------------------------------
-def _features(model: FusionClassifier, branch: int, images: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """(N, D) float32 pooled features of uint8 images, backbone in eval mode, under the model's precisions."""
+def _features(
+    model: FusionClassifier, branch: int, images: torch.Tensor, batch_size: int, view: View = PLAIN
+) -> torch.Tensor:
+    """(N, D) float32 pooled features of uint8 images in test-time `view`, backbone in eval mode, under the
+    model's precisions."""
     out = []
     with torch.no_grad(), eval_mode(model), model._model_autocast(model.device):
         for start in range(0, len(images), batch_size):
-            x = images[start : start + batch_size].to(model.device)
-            out.append(model.branch_features(x, branch).float().cpu())
+            x = view.apply(images[start : start + batch_size].to(model.device))
+            out.append(model.branch_features(x, branch, None, view).float().cpu())
     return torch.cat(out) if out else torch.empty(0, 0)
 
 
@@ -174,9 +201,7 @@ def compute(
         ]
     else:
         train_views = [_features(model, branch, train.images, batch_size)]
-    val_views = [_features(model, branch, val.images, batch_size)]
-    if str(model.hparams.get("tta", "none")) == "flips":
-        val_views.append(_features(model, branch, torch.flip(val.images, dims=[-1]), batch_size))
+    val_views = [_features(model, branch, val.images, batch_size, view) for view in model.views]
     return {"train": torch.stack(train_views), "val": torch.stack(val_views)}
 
 

@@ -21,6 +21,7 @@ from xrayfusion.models.backbones import check_input_size, create_backbone, featu
 from xrayfusion.models.equalize import check_equalize, equalize_images
 from xrayfusion.models.metrics import compute_values, metric_collection, metric_input, train_accuracy
 from xrayfusion.models.mixup import build_mixer
+from xrayfusion.models.tta import DEFAULT_SCALES, PLAIN, View, tta_views
 
 
 @functools.cache
@@ -51,7 +52,6 @@ def bf16_branch_indices(branches: Sequence[str], bf16_branches: Sequence[str] | 
 
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-TTA_MODES = ("none", "flips")  # test-time augmentation of every eval-mode forward: validation, test, serving
 
 
 def autocast_of(trainer_precision: str | int | None) -> str | None:
@@ -64,9 +64,7 @@ def autocast_of(trainer_precision: str | int | None) -> str | None:
     return None
 
 
-def branch_input_sizes(
-    branches: Sequence[str], image_size: int, branch_sizes: Mapping[str, int] | None
-) -> list[int]:
+def branch_input_sizes(branches: Sequence[str], image_size: int, branch_sizes: Mapping[str, int] | None) -> list[int]:
     """Each branch's input size: its model.branch_sizes entry, else `image_size` (the size images are decoded at).
     ConfigError for an entry naming no branch or larger than `image_size`."""
     sizes = {str(k): v for k, v in (branch_sizes or {}).items()}
@@ -113,8 +111,9 @@ class FusionClassifier(pl.LightningModule):
     Inputs are uint8 (B, C, H, W) images; normalisation happens on the device, per branch: the mean/std of its
     ImageNet weights when `pretrained`, else `mean`/`std`. `load_weights=False` rebuilds a pretrained model
     (normalisation included) without reading weight files, e.g. before loading a checkpoint offline.
-    `tta='flips'` averages the probabilities of each image and its mirror in eval mode (validation, test,
-    evaluate, predict and the served model alike; training steps never see it).
+    `tta` ('flips', 'scales' with `tta_scales`, 'flips_scales'; models/tta.py) averages the probabilities of
+    each image's views in eval mode (validation, test, evaluate, predict and the served model alike; training
+    steps never see it).
     `equalize` ('hist' or 'clahe', with `clahe_clip_limit` and `clahe_grid`) equalises every input image on the
     device before normalisation (kornia), in every forward: training, validation, test and serving alike.
     `mixup` (model.mixup: mixup_alpha, cutmix_alpha, prob, switch_prob, label_smoothing) mixes training batches
@@ -154,6 +153,7 @@ class FusionClassifier(pl.LightningModule):
         autocast: str | None = None,
         data_split: Mapping[str, Any] | None = None,
         tta: str = "none",
+        tta_scales: Sequence[float] = DEFAULT_SCALES,
         branch_sizes: Mapping[str, int] | None = None,
         equalize: str = "none",
         clahe_clip_limit: float = 40.0,
@@ -164,8 +164,7 @@ class FusionClassifier(pl.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "scheduler"], logger=False)
-        if tta not in TTA_MODES:
-            raise ConfigError(f"model.tta={tta!r} is unknown; choose one of {list(TTA_MODES)}")
+        self.views = tta_views(tta, tta_scales)  # ConfigError for an unknown mode or bad scales
         check_equalize(equalize, clahe_clip_limit, clahe_grid, image_size)
         self.mixer = build_mixer(mixup, num_classes)  # None: hard labels (no mixing, no label smoothing)
         if autocast is not None and autocast not in AUTOCAST_DTYPES:
@@ -184,6 +183,15 @@ class FusionClassifier(pl.LightningModule):
                 name, in_chans, pretrained and load_weights, drop_rate, weights_dir if pretrained else None
             )
             check_input_size(name, backbone, in_chans, self.sizes[i])
+            for size in sorted({v.size(self.sizes[i]) for v in self.views} - {self.sizes[i]}):
+                try:  # every size a test-time view feeds it
+                    check_input_size(name, backbone, in_chans, size)
+                except ConfigError as err:
+                    raise ConfigError(
+                        f"backbone {name!r} cannot take the {size}x{size} px inputs "
+                        f"model.tta_scales={list(tta_scales)} makes of its {self.sizes[i]} px input; "
+                        "use larger scales or model.tta=none"
+                    ) from err
             self.backbones[key] = backbone
             self.heads[key] = nn.Linear(feature_dim(backbone), num_classes)
             self.weights_sources[key] = backbone.weights_source
@@ -239,30 +247,33 @@ class FusionClassifier(pl.LightningModule):
         self,
         x: torch.Tensor,
         features: Mapping[str, torch.Tensor] | None = None,
-        mirrored: Mapping[str, torch.Tensor] | None = None,
+        view_features: Sequence[Mapping[str, torch.Tensor]] | None = None,
     ) -> dict[str, torch.Tensor | None]:
         """Branch logits and probabilities (B, K, C), fused probabilities (B, C) and fused logits or None.
 
         Runs under the autocast the model was trained in (`autocast`, from trainer.precision=*-mixed), so the
         run's own validation and test passes, evaluate, predict and the served model compute alike.
-        `features` (and, for `tta=flips`, `mirrored`: those of the mirrored images) are cached pooled features
-        of frozen branches by branch key, used in place of running those backbones (model.feature_cache).
+        `features` are cached pooled features of frozen branches by branch key, used in place of running those
+        backbones (model.feature_cache); `view_features` those of the other test-time views (`self.views[1:]`).
         """
         with self._model_autocast(x.device):
-            if self.training or self.hparams.get("tta", "none") == "none":
+            if self.training or len(self.views) == 1:
                 return self._forward(x, features)
-            return self._forward_tta(x, features, mirrored)
+            return self._forward_tta(x, features, view_features)
 
     def _forward_tta(
         self,
         x: torch.Tensor,
         features: Mapping[str, torch.Tensor] | None = None,
-        mirrored: Mapping[str, torch.Tensor] | None = None,
+        view_features: Sequence[Mapping[str, torch.Tensor]] | None = None,
     ) -> dict[str, torch.Tensor | None]:
-        """Test-time augmentation (`tta=flips`, eval mode only): the mean of the probabilities of the image and
-        its horizontal mirror; logits are those of the image itself (what calibration fits)."""
-        plain, flipped = self._forward(x, features), self._forward(torch.flip(x, dims=[-1]), mirrored)
-        mean = {k: (plain[k] + flipped[k]) / 2 for k in ("probs", "fused_probs")}
+        """Test-time augmentation (eval mode only): the mean of the probabilities of the image's views
+        (models/tta.py); logits are those of the image itself (what calibration fits)."""
+        plain = self._forward(x, features)
+        outs = [plain]
+        for i, view in enumerate(self.views[1:]):
+            outs.append(self._forward(view.apply(x), view_features[i] if view_features else None, view))
+        mean = {k: torch.stack([o[k] for o in outs]).mean(dim=0) for k in ("probs", "fused_probs")}
         return {**plain, **mean}
 
     def _model_autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
@@ -271,12 +282,15 @@ class FusionClassifier(pl.LightningModule):
             return contextlib.nullcontext()
         return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[kind])
 
-    def branch_input(self, x: torch.Tensor, branch: int, prepared: dict | None = None) -> torch.Tensor:
-        """Branch `branch`'s input: `x` normalised with its statistics and resized to its size (on the device).
-        `prepared` shares the work between branches with the same statistics and size within one forward."""
+    def branch_input(
+        self, x: torch.Tensor, branch: int, prepared: dict | None = None, view: View = PLAIN
+    ) -> torch.Tensor:
+        """Branch `branch`'s input: `x` normalised with its statistics and resized to its size (scaled by the
+        test-time `view`'s factor), on the device. `prepared` shares the work between branches with the same
+        statistics and size within one forward."""
         prepared = {} if prepared is None else prepared
         stats = 0 if self.shared_stats else branch
-        size = self.sizes[branch]
+        size = view.size(self.sizes[branch])
         if (stats, size) not in prepared:
             if (stats, None) not in prepared:
                 prepared[(stats, None)] = self.preprocess(x, stats)
@@ -288,14 +302,17 @@ class FusionClassifier(pl.LightningModule):
         x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
-    def branch_features(self, x: torch.Tensor, branch: int, prepared: dict | None = None) -> torch.Tensor:
-        """Pooled features of branch `branch` for uint8 images `x` (under the branch's precision)."""
+    def branch_features(
+        self, x: torch.Tensor, branch: int, prepared: dict | None = None, view: View = PLAIN
+    ) -> torch.Tensor:
+        """Pooled features of branch `branch` for uint8 images `x` (already flipped for a mirrored `view`; its
+        scale is applied here), under the branch's precision."""
         key = self.keys[branch]
         with self._branch_autocast(key, x.device):
-            return self.backbones[key](self.branch_input(x, branch, prepared))
+            return self.backbones[key](self.branch_input(x, branch, prepared, view))
 
     def _forward(
-        self, x: torch.Tensor, features: Mapping[str, torch.Tensor] | None = None
+        self, x: torch.Tensor, features: Mapping[str, torch.Tensor] | None = None, view: View = PLAIN
     ) -> dict[str, torch.Tensor | None]:
         prepared: dict = {}
         feats, logits = [], []
@@ -303,7 +320,7 @@ class FusionClassifier(pl.LightningModule):
             if features is not None and key in features:  # a frozen branch's cached features (feature_cache.py)
                 feat = self._cached(key, features[key])
             else:
-                feat = self.branch_features(x, i, prepared)
+                feat = self.branch_features(x, i, prepared, view)
             with self._branch_autocast(key, x.device):
                 feats.append(feat)
                 logits.append(self.heads[key](feat))
@@ -362,13 +379,14 @@ class FusionClassifier(pl.LightningModule):
 
     # ---- steps ---------------------------------------------------------------------------------------
     def _unpack(self, batch: Sequence[torch.Tensor], split: str) -> tuple[torch.Tensor, torch.Tensor, Any, Any]:
-        """(images, labels, cached features, mirrored cached features) of a batch; the features come from the
-        datamodule's feature store when its loaders yield (image, label, index) batches (model.feature_cache)."""
+        """(images, labels, cached features, cached features of the other test-time views) of a batch; the
+        features come from the datamodule's feature store when its loaders yield (image, label, index) batches
+        (model.feature_cache)."""
         if len(batch) == 2:
             return batch[0], batch[1], None, None
         x, y, index = batch
-        features, mirrored = self.trainer.datamodule.feature_store.lookup(split, index, y.device)
-        return x, y, features, mirrored
+        features, view_features = self.trainer.datamodule.feature_store.lookup(split, index, y.device)
+        return x, y, features, view_features
 
     def training_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y, features, _ = self._unpack(batch, "train")
@@ -383,8 +401,8 @@ class FusionClassifier(pl.LightningModule):
         return loss
 
     def _eval_step(self, stage: str, batch: Sequence[torch.Tensor]) -> dict[str, torch.Tensor | None]:
-        x, y, features, mirrored = self._unpack(batch, stage)
-        out = self(x, features, mirrored)
+        x, y, features, view_features = self._unpack(batch, stage)
+        out = self(x, features, view_features)
         self.log(f"{stage}/loss", self._loss(out, y), on_step=False, on_epoch=True, batch_size=len(y), sync_dist=True)
         collections = self.metrics[stage]
         for i, key in enumerate(self.keys):

@@ -11,8 +11,9 @@ from xrayfusion.fusion.checks import validate_fusion
 from xrayfusion.models.backbones import check_backbone_name
 from xrayfusion.models.equalize import check_equalize
 from xrayfusion.models.mixup import mixup_settings
-from xrayfusion.models.module import TTA_MODES, bf16_branch_indices
+from xrayfusion.models.module import bf16_branch_indices
 from xrayfusion.models.pretrained import has_pretrained, resolve_weights
+from xrayfusion.models.tta import DEFAULT_SCALES, check_tta
 from xrayfusion.training.callbacks import ema_settings
 
 
@@ -26,9 +27,7 @@ def validate(cfg: Mapping[str, Any]) -> None:
     if not branches or isinstance(branches, str):
         raise ConfigError(f"model.branches={branches!r} must be a non-empty list, e.g. 'model.branches=[resnet18]'")
     check_source_name(cfg["data"].get("name"))
-    tta = cfg["model"].get("tta", "none")
-    if tta not in TTA_MODES:
-        raise ConfigError(f"model.tta={tta!r} is unknown; choose one of {list(TTA_MODES)}")
+    check_tta(cfg["model"].get("tta", "none"), cfg["model"].get("tta_scales", DEFAULT_SCALES))
     clahe = cfg["model"].get("clahe") or {}
     check_equalize(
         cfg["model"].get("equalize") or "none",

@@ -29,7 +29,7 @@ from xrayfusion.training.factory import build_model, build_trainer, restore_best
 log = logging.getLogger(__name__)
 
 
-def _auroc(probs: torch.Tensor, labels: torch.Tensor) -> float:
+def branch_auroc(probs: torch.Tensor, labels: torch.Tensor) -> float:
     if len(torch.unique(labels)) < 2:
         return float("nan")
     if probs.shape[1] == 2:
@@ -80,13 +80,16 @@ def fold_fit_predict(
             parts = build_trainer(cfg, model, logger, ckpt_dir, ckpt_dir, enable_model_summary=False)
             parts.trainer.fit(model, datamodule=fold_dm)
             restore_best(model, parts.checkpoint)
+            store = fold_dm.feature_store  # frozen branches read their cached features where the store has them
+            n_views = len(model.views)
             if calibrate:
-                val = predict(model, source.val, dm.batch_size)
+                val = predict(model, source.val, dm.batch_size, store and store.eval_features("val", n_views))
                 temps = calibration.fit_temperatures(val.logits, val.labels)
                 model.temperature.copy_(temps)
                 tracking.log_params(logger, calibration.temperature_params(model.keys, temps))
-            out = predict(model, held, dm.batch_size)
-            aurocs = {k: _auroc(out.probs[:, i], out.labels) for i, k in enumerate(model.keys)}
+            held_features = dm.feature_store and dm.feature_store.eval_features("train", n_views, held_idx)
+            out = predict(model, held, dm.batch_size, held_features)
+            aurocs = {k: branch_auroc(out.probs[:, i], out.labels) for i, k in enumerate(model.keys)}
             logger.log_metrics({f"oof/{k}/auroc": v for k, v in aurocs.items()})
         except BaseException:
             tracking.set_status(logger, "FAILED")

@@ -27,7 +27,7 @@ from xrayfusion.evaluation.inference import Predictions, predict
 from xrayfusion.evaluation.loading import trained_thresholds
 from xrayfusion.fusion import calibration, crossfit
 from xrayfusion.models import FusionClassifier
-from xrayfusion.training.folds import fold_fit_predict
+from xrayfusion.training.folds import branch_auroc, fold_fit_predict
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,10 @@ def write_predictions(
 
 
 def _val(model: FusionClassifier, dm: XRayDataModule) -> Predictions:
-    return predict(model, dm.split("val"), dm.batch_size)
+    """Validation predictions; frozen branches read their cached features (model.feature_cache)."""
+    store = dm.feature_store
+    features = store.eval_features("val", len(model.views)) if store is not None else None
+    return predict(model, dm.split("val"), dm.batch_size, features)
 
 
 def calibrate(model: FusionClassifier, dm: XRayDataModule, logger: MLFlowLogger) -> Predictions:
@@ -75,6 +78,16 @@ def calibrate(model: FusionClassifier, dm: XRayDataModule, logger: MLFlowLogger)
     return val
 
 
+def _choose_cv(cfg: DictConfig, model: FusionClassifier, val: Predictions, logger: MLFlowLogger) -> int | None:
+    """fusion.cv=auto: holdout, K out-of-fold folds or no fit, from the branches' validation AUROCs (logged)."""
+    saturated_at, folds = crossfit.auto_settings(cfg.fusion.get("auto_cv"))
+    aurocs = {k: branch_auroc(val.probs[:, i], val.labels) for i, k in enumerate(model.keys)}
+    n_splits, reason = crossfit.choose_cv(aurocs, saturated_at, folds)
+    tracking.log_params(logger, {"fusion/cv_rule": "auto", "fusion/cv_reason": reason})
+    log.info("fusion.cv=auto: %s", reason)
+    return n_splits
+
+
 def fit_fusion(
     cfg: DictConfig, model: FusionClassifier, dm: XRayDataModule, logger: MLFlowLogger, out_dir: Path
 ) -> str:
@@ -84,8 +97,18 @@ def fit_fusion(
     source = dm.prepare()
     calibrate_on = bool(cfg.fusion.get("calibrate", False))
     val = calibrate(model, dm, logger) if calibrate_on else None
-    if model.fusion.needs_fit:
-        n_splits = crossfit.parse_cv(cfg.fusion.get("cv", "holdout"))
+    n_splits: int | str | None = crossfit.parse_cv(cfg.fusion.get("cv", "holdout"))
+    if model.fusion.needs_fit and n_splits == crossfit.AUTO:
+        val = val or _val(model, dm)
+        n_splits = _choose_cv(cfg, model, val, logger)
+    if model.fusion.needs_fit and n_splits == 0:  # fusion.cv=auto on a saturated validation, auto_cv.folds=0
+        model.hparams.fusion_fitted_on = "none"
+        weights = {
+            f"average/weight_{k}": round(float(w), 6) for k, w in zip(model.keys, model.fusion.weights, strict=True)
+        }
+        tracking.log_params(logger, {"fusion/fitted_on": "none", **weights})
+        log.info("fusion not fitted (validation saturated, fusion.auto_cv.folds=0): equal weights %s", weights)
+    elif model.fusion.needs_fit:
         if n_splits is None:
             val = val or _val(model, dm)
             held, probs, labels, folds = source.val, val.probs, val.labels, ["holdout"] * len(val.labels)
