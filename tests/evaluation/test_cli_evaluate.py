@@ -16,11 +16,11 @@ TRAIN = [a for a in SMALL_SYNTHETIC if not a.startswith(("tracking.", "gradcam."
 
 
 @pytest.mark.slow
-def test_train_compare_evaluate_predict_serve(run_cli, cli_in_process, tracking_uri: str, tmp_path: Path) -> None:
-    # the trainings are processes of their own; compare, evaluate and predict run in this process (their exit
-    # codes and output are what a process would give, without its start-up cost)
+def test_train_compare_evaluate_predict_serve(cli_in_process, tracking_uri: str, tmp_path: Path) -> None:
+    # every command runs in this process (its exit code and output are what a process would give, without its
+    # start-up cost); only `mlflow models predict` at the end is a process of its own
     for fusion, extra in (("average", []), ("stacking", ["tracking.register_as=xray-demo"])):
-        result = run_cli([*FAST, f"fusion={fusion}", *TRAIN, *extra])
+        result = cli_in_process([*FAST, f"fusion={fusion}", *TRAIN, *extra])
         assert result.returncode == 0, result.stderr[-3000:]
     client = mlflow.MlflowClient(tracking_uri)
     runs = {

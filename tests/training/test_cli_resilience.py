@@ -32,7 +32,7 @@ def steps(client: mlflow.MlflowClient, run_id: str, key: str) -> list[int]:
 
 
 @pytest.mark.slow
-def test_sigkill_then_resume_continues_the_same_run(run_cli, tmp_path: Path, tracking_uri: str) -> None:
+def test_sigkill_then_resume_continues_the_same_run(cli_in_process, tmp_path: Path, tracking_uri: str) -> None:
     # bf16_branches=auto: the resumed part reuses the precisions the killed part measured (tests/test_precision.py)
     args = [*TINY, "trainer.max_epochs=3", "data.n_train=96", "model.bf16_branches=auto"]
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "PYTHONPATH": str(REPO)}
@@ -48,7 +48,7 @@ def test_sigkill_then_resume_continues_the_same_run(run_cli, tmp_path: Path, tra
     assert killed.info.status == "RUNNING"  # nobody could mark it: SIGKILL
     assert killed.data.tags[CHECKPOINT_DIR_TAG] == str(last.parent)
 
-    result = run_cli([*args, f"resume_run_id={killed.info.run_id}"])
+    result = cli_in_process([*args, f"resume_run_id={killed.info.run_id}"])  # resuming needs no process of its own
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"resuming run {killed.info.run_id}" in result.stdout + result.stderr
     [run] = runs_of(tracking_uri)  # the same run, no second one
@@ -62,9 +62,9 @@ def test_sigkill_then_resume_continues_the_same_run(run_cli, tmp_path: Path, tra
 
 
 @pytest.mark.slow
-def test_nan_loss_stops_keeps_checkpoint_and_fails_the_run(run_cli, tmp_path: Path, tracking_uri: str) -> None:
+def test_nan_loss_stops_keeps_checkpoint_and_fails_the_run(cli_in_process, tmp_path: Path, tracking_uri: str) -> None:
     diverge = "+scheduler={_target_:torch.optim.lr_scheduler.StepLR,_partial_:true,step_size:4,gamma:1e30}"
-    result = run_cli([*TINY, "trainer.max_epochs=3", "scheduler=none", diverge])  # 4 steps/epoch, then lr 1e27
+    result = cli_in_process([*TINY, "trainer.max_epochs=3", "scheduler=none", diverge])  # 4 steps/epoch, then lr 1e27
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     message = result.stderr.strip().splitlines()[-1]
@@ -120,9 +120,10 @@ def test_bad_input_is_one_short_message(
 
 
 @pytest.mark.slow
-def test_unreachable_tracking_server_fails_at_once(run_cli) -> None:
+def test_unreachable_tracking_server_fails_at_once(cli_in_process, monkeypatch: pytest.MonkeyPatch) -> None:
     uri = f"http://127.0.0.1:{free_port()}"
-    result = run_cli(TINY, env={"MLFLOW_TRACKING_URI": uri})
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    result = cli_in_process(TINY)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert f"MLflow tracking server {uri} is unreachable" in result.stderr.strip().splitlines()[-1]
     assert "images, class counts" not in result.stdout + result.stderr  # no data was read before the check
@@ -177,17 +178,16 @@ def mlflow_server(tmp_path: Path):
             pytest.fail(f"mlflow server did not start: {server.stderr.read()[-2000:] if server.poll() else 'timeout'}")
         yield uri
     finally:
-        os.killpg(server.pid, signal.SIGTERM)  # the server and its workers
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
+        os.killpg(server.pid, signal.SIGKILL)  # the server and its workers: nothing of theirs is needed after the test
+        server.wait()
 
 
 @pytest.mark.slow
-def test_training_logs_through_a_tracking_server(run_cli, mlflow_server: str, tmp_path: Path) -> None:
-    result = run_cli([*TINY, "fusion=stacking"], env={"MLFLOW_TRACKING_URI": mlflow_server})
+def test_training_logs_through_a_tracking_server(
+    cli_in_process, mlflow_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    result = cli_in_process([*TINY, "fusion=stacking"])
     assert result.returncode == 0, result.stderr[-3000:]
     [run] = runs_of(mlflow_server)
     assert run.info.status == "FINISHED" and run.info.artifact_uri.startswith("mlflow-artifacts:")
