@@ -128,8 +128,9 @@ def test_feature_cache_prints_live_and_cached_runs_side_by_side(kermany_root: Pa
     weights = tmp_path / "weights"
     weights.mkdir()
     torch.save(timm.create_model("efficientnet_lite0").state_dict(), weights / "efficientnet_lite0_test.pth")
-    args = ["feature-cache", f"--data-root={kermany_root}", f"--weights-dir={weights}", "--epochs=2"]
+    args = ["feature-cache", f"--data-root={kermany_root}", f"--weights-dir={weights}", "--epochs=2", "--fusion-cv=2"]
     overrides = [
+        "data.augment.enabled=false",  # then the live and the cached run train alike
         "model.branches=[efficientnet_lite0,small_cnn]",
         "model.branch_sizes=null",
         "data.image_size=32",
@@ -148,6 +149,9 @@ def test_feature_cache_prints_live_and_cached_runs_side_by_side(kermany_root: Pa
     assert rows["live"][2] == "-" and float(rows["cached"][2]) >= 0  # only cached runs have a feature pass
     assert rows["cached"][1] == "2" and rows["cached-1-epoch"][1] == "1"
     for cells in rows.values():
-        float(cells[3]), float(cells[6]), float(cells[7])  # epoch 1, end to end, test auroc: numbers
+        float(cells[3]), float(cells[6]), float(cells[7]), float(cells[8])  # epoch 1, cross-fit, end to end, auroc
+    # the folds read the cache too, and give the live run's out-of-fold predictions
+    [line] = [r for r in result.stdout.splitlines() if r.startswith("out-of-fold predictions, live vs cached")]
+    assert float(line.split("largest difference ")[1].split()[0]) < 1e-4
     assert "cached branches: efficientnet_lite0" in result.stdout
     assert "2 epochs end to end / 1 epoch end to end = " in result.stdout

@@ -149,7 +149,10 @@ def cache_key(
         "precision": {"branch_bf16": key in model.bf16_keys, "autocast": hp.get("autocast")},
         "normalise": [model.mean[branch].flatten().tolist(), model.std[branch].flatten().tolist()],
         "equalize": hp.get("equalize"),
-        "tta": [[v.flip, v.scale] for v in model.views],
+        # the test-time views of the validation rows; with no scales as before tta=scales existed (files stay valid)
+        "tta": str(hp.get("tta", "none"))
+        if all(v.scale == 1.0 for v in model.views)
+        else [[v.flip, v.scale] for v in model.views],
         "drop_rate": float(hp.get("drop_rate", 0.0)),
         "data": dict(digests),
         "views": int(views),
