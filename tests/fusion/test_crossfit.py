@@ -135,6 +135,12 @@ def test_auto_cv_fits_out_of_fold_only_when_validation_is_saturated() -> None:
     assert crossfit.choose_cv({"a": float("nan")}, 0.995, 5)[0] is None  # one class: nothing says saturated
     assert crossfit.parse_cv("auto") == crossfit.AUTO and crossfit.parse_cv(" holdout ") is None
     assert crossfit.auto_settings(None) == (0.995, 5)
-    for bad, match in (({"saturated_at": 0.3}, "saturated_at=0.3"), ({"folds": 1}, "folds=1"), ({"folds": "x"}, "x")):
+    for bad, match in (
+        ({"saturated_at": 0.3}, "saturated_at=0.3"),
+        ({"folds": 1}, "folds=1"),
+        ({"folds": "x"}, "x"),
+        (0.99, "must be a mapping"),
+        ({"saturated_at": True}, "takes numbers"),
+    ):
         with pytest.raises(ConfigError, match=match):
             crossfit.auto_settings(bad)

@@ -176,6 +176,11 @@ def test_hits_misses_key_changes_and_damaged_files(weights_dir: Path, tmp_path: 
     _, report = build_store(resized, ["efficientnet_lite0"], train, val, tmp_path)
     assert report.misses == ["efficientnet_lite0"]
     assert len(list((tmp_path / "features").glob("*.pt"))) == 3
+    # CLAHE's grid changes the features: another file, not the first CLAHE model's
+    for grid in ([4, 4], [2, 2]):
+        clahe = frozen_model(weights_dir, equalize="clahe", clahe_grid=grid)
+        assert build_store(clahe, ["efficientnet_lite0"], train, val, tmp_path)[1].misses == ["efficientnet_lite0"]
+    assert len(list((tmp_path / "features").glob("*.pt"))) == 5
 
     # a damaged file is a miss (with a warning), and is written again whole
     path = Path(build_store(model, ["efficientnet_lite0"], train, val, tmp_path)[1].files["efficientnet_lite0"])
@@ -247,6 +252,9 @@ def test_predictions_from_cached_features_equal_the_live_ones(weights_dir: Path)
     augment = v2.RandomAffine(degrees=10)
     views, _ = build_store(plain, ["efficientnet_lite0"], train, val, None, views=2, augment=augment, seed=1)
     assert views.eval_features("train", 1, held) is None  # augmented views: the un-augmented image is not stored
+    one, _ = build_store(plain, ["efficientnet_lite0"], train, val, None, views=1, augment=augment, seed=1)
+    assert one.eval_features("train", 1, held) is None  # one augmented view is no un-augmented row either
+    assert one.subset_train(held).eval_features("train", 1, [0]) is None  # nor is a fold's subset of it
     assert views.eval_features("val", 1) is not None
 
 

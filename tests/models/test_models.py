@@ -126,7 +126,12 @@ def test_tta_scales_average_each_branch_at_every_scale(tmp_path) -> None:
     assert loaded.hparams.tta == "scales" and [v.scale for v in loaded.views] == [1.0, 1.5, 1.25]
     with pytest.raises(ConfigError, match=r"'darknet' cannot take the 24x24 px inputs model.tta_scales=\[0.75\]"):
         FusionClassifier(["darknet"], 2, {"name": "average"}, image_size=32, tta="scales", tta_scales=[0.75])
-    for scales, match in (([1.0], "not 1"), ([], "must list"), (["big"], "must list"), ([9], "between 0.25")):
+    with pytest.raises(ConfigError, match="repeat a size"):  # 1.01 x 32 px is 32 px: the plain view twice
+        FusionClassifier(["small_cnn"], 2, {"name": "average"}, image_size=32, tta="scales", tta_scales=[1.01])
+    bad = ([1.0], [], ["big"], [9], 0.9, [1.25, 1.25], [True])
+    for scales, match in zip(
+        bad, ("not 1", "must list", "must list", "between 0.25", "0.9", "distinct", "True"), strict=True
+    ):
         with pytest.raises(ConfigError, match=match):
             FusionClassifier(["small_cnn"], 2, {"name": "average"}, tta="scales", tta_scales=scales)
 

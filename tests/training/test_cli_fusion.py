@@ -94,5 +94,5 @@ def test_bad_fusion_options_fail_before_training(cli_in_process) -> None:
     result = cli_in_process(["fusion=stacking", "fusion.cv=auto", "fusion.auto_cv.folds=0", *SMALL_SYNTHETIC])
     assert result.returncode == 2 and "a stacking meta-learner must be fitted" in result.stderr
     result = cli_in_process(["model.tta=scales", "model.tta_scales=[1.0]", *SMALL_SYNTHETIC])
-    assert result.returncode == 2 and "model.tta_scales=[1.0] must list the scales besides 1" in result.stderr
+    assert result.returncode == 2 and "model.tta_scales=[1.0] must list distinct scales besides 1" in result.stderr
     assert "Traceback" not in result.stderr

@@ -36,8 +36,15 @@ def parse_cv(value: Any) -> int | str | None:
 
 def auto_settings(value: Any) -> tuple[float, int]:
     """fusion.auto_cv {saturated_at, folds} as (float, int); ConfigError naming the fix for bad values."""
-    value = value or {}
+    value = {} if value is None else value
+    if not isinstance(value, Mapping):
+        raise ConfigError(
+            f"fusion.auto_cv={value!r} must be a mapping of saturated_at and folds, e.g. "
+            "fusion.auto_cv.saturated_at=0.995 fusion.auto_cv.folds=5"
+        )
     saturated_at, folds = value.get("saturated_at", 0.995), value.get("folds", 5)
+    if isinstance(saturated_at, bool) or isinstance(folds, bool):
+        raise ConfigError(f"fusion.auto_cv={dict(value)} takes numbers, e.g. saturated_at: 0.995, folds: 5")
     try:
         saturated = float(saturated_at)
     except (TypeError, ValueError):

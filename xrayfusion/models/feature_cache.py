@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torchvision.transforms import v2
 
@@ -54,6 +55,7 @@ class FeatureStore:
     train: dict[str, torch.Tensor]
     val: dict[str, torch.Tensor]
     needs_images: bool  # False when every branch is cached: loaders then skip decoding and augmenting
+    train_augmented: bool = False  # the training rows are augmented views (model.feature_cache_views > 0)
 
     def lookup(self, split: str, index: torch.Tensor, device: torch.device) -> tuple[dict, list[dict] | None]:
         """(features, features of the other test-time views or None) of the images at `index` of `split`
@@ -78,7 +80,7 @@ class FeatureStore:
         return plain, others or None
 
     def eval_features(
-        self, split: str, n_views: int, index: Sequence[int] | None = None
+        self, split: str, n_views: int, index: Sequence[int] | np.ndarray | None = None
     ) -> dict[str, torch.Tensor] | None:
         """Features for an eval-mode prediction (evaluation.inference.predict) of the `split` images at `index`
         (all when None), (T, n, D) per cached branch with T = `n_views` test-time views; None when the store
@@ -87,7 +89,7 @@ class FeatureStore:
         table = self.train if split == "train" else self.val
         if not table or any(v.shape[0] != n_views for v in table.values()):
             return None
-        if split == "train" and any(v.shape[0] != 1 for v in self.train.values()):
+        if split == "train" and self.train_augmented:
             return None
         if index is None:
             return dict(table)
@@ -97,7 +99,8 @@ class FeatureStore:
     def subset_train(self, index: Sequence[int]) -> FeatureStore:
         """The store of a cross-fit fold trained on the training images at `index` (validation unchanged)."""
         rows = torch.as_tensor(list(index), dtype=torch.long)
-        return FeatureStore({k: v[:, rows] for k, v in self.train.items()}, self.val, self.needs_images)
+        train = {k: v[:, rows] for k, v in self.train.items()}
+        return FeatureStore(train, self.val, self.needs_images, self.train_augmented)
 
 
 # ---- keys --------------------------------------------------------------------------------------------------
@@ -149,6 +152,12 @@ def cache_key(
         "precision": {"branch_bf16": key in model.bf16_keys, "autocast": hp.get("autocast")},
         "normalise": [model.mean[branch].flatten().tolist(), model.std[branch].flatten().tolist()],
         "equalize": hp.get("equalize"),
+        # CLAHE's settings change the features too (absent for other modes: their keys stay what they were)
+        **(
+            {"clahe": [float(hp.get("clahe_clip_limit", 40.0)), list(hp.get("clahe_grid", (8, 8)))]}
+            if hp.get("equalize") == "clahe"
+            else {}
+        ),
         # the test-time views of the validation rows; with no scales as before tta=scales existed (files stay valid)
         "tta": str(hp.get("tta", "none"))
         if all(v.scale == 1.0 for v in model.views)
@@ -267,7 +276,8 @@ def build_store(
     of the same key is there, else computed (and written there; `cache_dir=None` keeps them in memory only)."""
     started = time.perf_counter()
     digests = {"train": images_digest(train), "val": images_digest(val)}
-    store = FeatureStore({}, {}, needs_images=len(cached_keys) < len(model.keys))
+    augmented = bool(views) and augment is not None  # as `compute` draws them
+    store = FeatureStore({}, {}, needs_images=len(cached_keys) < len(model.keys), train_augmented=augmented)
     hits, misses, files = [], [], {}
     for key in cached_keys:
         branch = model.keys.index(key)

@@ -183,7 +183,13 @@ class FusionClassifier(pl.LightningModule):
                 name, in_chans, pretrained and load_weights, drop_rate, weights_dir if pretrained else None
             )
             check_input_size(name, backbone, in_chans, self.sizes[i])
-            for size in sorted({v.size(self.sizes[i]) for v in self.views} - {self.sizes[i]}):
+            scaled = [v.size(self.sizes[i]) for v in self.views if v.scale != 1.0 and not v.flip]
+            if self.sizes[i] in scaled or len(set(scaled)) < len(scaled):
+                raise ConfigError(
+                    f"model.tta_scales={list(tta_scales)} gives {name} ({self.sizes[i]} px) the inputs {scaled} px, "
+                    "which repeat a size (a view counted twice in the mean); use scales further from 1 and apart"
+                )
+            for size in sorted(set(scaled)):
                 try:  # every size a test-time view feeds it
                     check_input_size(name, backbone, in_chans, size)
                 except ConfigError as err:

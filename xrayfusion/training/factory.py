@@ -23,7 +23,7 @@ from xrayfusion.data import XRayDataModule
 from xrayfusion.fusion import thresholds
 from xrayfusion.models import FusionClassifier, precision
 from xrayfusion.models.module import autocast_of
-from xrayfusion.models.tta import DEFAULT_SCALES
+from xrayfusion.models.tta import DEFAULT_SCALES, parse_scales
 from xrayfusion.training.callbacks import EpochHistory, FiniteLossGuard, ema_callbacks
 from xrayfusion.training.checkpoints import AtomicCheckpointIO, load_checkpoint
 from xrayfusion.training.finetuning import freeze_callbacks
@@ -55,7 +55,7 @@ def build_model(cfg: DictConfig, dm: XRayDataModule, bf16_branches: Sequence[str
         autocast=autocast_of(cfg.trainer.get("precision")),  # stored: served in the precision it was tested in
         data_split=split_record(cfg, dm),
         tta=str(cfg.model.get("tta", "none")),
-        tta_scales=[float(s) for s in cfg.model.get("tta_scales", DEFAULT_SCALES)],
+        tta_scales=list(parse_scales(cfg.model.get("tta_scales", DEFAULT_SCALES))),
         branch_sizes=_branch_sizes(cfg.model.get("branch_sizes")),
         **input_switches(cfg.model),
         optimizer=instantiate(cfg.optimizer),

@@ -97,8 +97,9 @@ def fit_fusion(
     source = dm.prepare()
     calibrate_on = bool(cfg.fusion.get("calibrate", False))
     val = calibrate(model, dm, logger) if calibrate_on else None
-    n_splits: int | str | None = crossfit.parse_cv(cfg.fusion.get("cv", "holdout"))
-    if model.fusion.needs_fit and n_splits == crossfit.AUTO:
+    rule = crossfit.parse_cv(cfg.fusion.get("cv", "holdout"))
+    n_splits = rule if isinstance(rule, int) else None  # holdout, or auto until decided below
+    if model.fusion.needs_fit and rule == crossfit.AUTO:
         val = val or _val(model, dm)
         n_splits = _choose_cv(cfg, model, val, logger)
     if model.fusion.needs_fit and n_splits == 0:  # fusion.cv=auto on a saturated validation, auto_cv.folds=0
