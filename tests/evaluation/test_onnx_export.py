@@ -36,6 +36,7 @@ def test_exported_ensemble_matches_pytorch(fusion: str, tmp_path: Path) -> None:
     assert onnx_export.onnx_difference(model, path, images) < 1e-4  # a batch size the export never saw
     described = json.loads(Path(f"{path}.json").read_text())
     assert described["input"]["shape"] == ["N", 1, 32, 32] and described["branches"] == ["small_cnn", "darknet"]
+    assert len(described["test_time_views"]) == len(model.views)  # 4 with flips_scales, else the plain image
     assert described["thresholds"]["fused"] == pytest.approx(0.4)
 
 

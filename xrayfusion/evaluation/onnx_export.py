@@ -51,6 +51,8 @@ def describe(model: FusionClassifier) -> dict[str, Any]:
             "is inside the model",
         },
         "outputs": {"fused": ["N", "C"], "branches": ["N", "K", "C"]},
+        # inside the graph too: the outputs are already the mean over these views (model.tta)
+        "test_time_views": [{"mirrored": v.flip, "scale": v.scale} for v in model.views],
         "branches": list(model.keys),
         "class_names": list(model.hparams.class_names),
         "thresholds": trained_thresholds(model),
