@@ -69,3 +69,16 @@ def test_too_few_validation_patients_fall_back_in_sample_and_say_so() -> None:
     chosen, where = decisions.choose_thresholds("youden", model, val, ["p0"] * 8, seed=0)  # one patient
     assert where == "val_in_sample"
     assert chosen["fused"] == thresholds.choose_threshold("youden", val.fused[:, 1], val.labels)
+
+
+def test_the_final_fusion_is_scored_on_validation_predictions_its_fit_has_not_seen() -> None:
+    val, groups = _val(60)
+    model = tiny_model("stacking")
+    model.fusion.fit(val.probs, val.labels, names=model.keys)
+    model.hparams.fusion_fitted_on = "holdout"
+    fused, on = decisions.held_out_fused(model, val, groups, seed=3)
+    assert on == "val_crossfit5" and torch.equal(fused, decisions.crossfit_fused(model, val, groups, 3))
+    assert not torch.allclose(fused, val.fused)  # not the in-sample predictions of the stored fit
+    for fitted_on in ("oof_cv5", "none"):  # fitted elsewhere (or not at all): validation is out of sample
+        model.hparams.fusion_fitted_on = fitted_on
+        assert decisions.held_out_fused(model, val, groups, seed=3) == (val.fused, "val")

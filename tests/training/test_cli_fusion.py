@@ -82,6 +82,8 @@ def test_holdout_fits_log_what_they_fitted(
     rows = read_csv(tracking_uri, parent.info.run_id, "oof_predictions.csv")
     assert len(rows) == 32 and all(r["name"].startswith("val-") and r["fold"] == "holdout" for r in rows)
     assert "threshold/fused" in params and "test/fused/ece" in parent.data.metrics
+    # the final fusion is scored on validation predictions its fit has not seen: cross-fitted ones
+    assert params["fusion/val_auroc_on"] == "val_crossfit5" and 0 <= parent.data.metrics["fusion/val_auroc"] <= 1
 
 
 @pytest.mark.slow

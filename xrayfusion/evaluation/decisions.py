@@ -40,6 +40,23 @@ def crossfit_fused(
     return fused
 
 
+def held_out_fused(
+    model: FusionClassifier, val: Predictions, groups: Sequence[str], seed: int
+) -> tuple[torch.Tensor, str]:
+    """Fused validation probabilities that no fit of the fusion has seen, and what they are: `val` (the fusion
+    was not fitted on validation: not fitted, fitted out of fold, or not a fitted fusion), `val_crossfit<K>` (it
+    was: each validation patient predicted by a copy fitted on the others), `val_in_sample` (too few validation
+    patients, or of one class, to cross-fit: the in-sample predictions, with a warning)."""
+    if not (model.fusion.needs_fit and model.hparams.get("fusion_fitted_on") == "holdout"):
+        return val.fused, "val"
+    k = min(INNER_FOLDS, len(set(groups)))
+    try:
+        return crossfit_fused(model, val, groups, seed, k), f"val_crossfit{k}"
+    except ConfigError as err:
+        log.warning("fused validation predictions are in-sample: cannot cross-fit the fusion (%s)", err)
+        return val.fused, "val_in_sample"
+
+
 def choose_thresholds(
     rule: Any, model: FusionClassifier, val: Predictions, groups: Sequence[str], seed: int
 ) -> tuple[dict[str, float], str]:
@@ -48,15 +65,8 @@ def choose_thresholds(
     parsed = thresholds.parse_rule(rule)
     if int(model.hparams.num_classes) != 2:
         return {}, "argmax"
-    fused, where = val.fused, "val"
-    fitted_on_val = model.fusion.needs_fit and model.hparams.get("fusion_fitted_on") == "holdout"
-    if fitted_on_val and not isinstance(parsed, float):
-        k = min(INNER_FOLDS, len(set(groups)))
-        try:
-            fused, where = crossfit_fused(model, val, groups, seed, k), f"val_crossfit{k}"
-        except ConfigError as err:  # too few validation patients (or of one class) to fit the fusion per fold
-            log.warning("fused threshold chosen in-sample on validation: cannot cross-fit the fusion (%s)", err)
-            where = "val_in_sample"
+    # a fixed threshold is chosen on nothing; a rule on predictions the fitted fusion has not seen
+    fused, where = (val.fused, "val") if isinstance(parsed, float) else held_out_fused(model, val, groups, seed)
     chosen = {k: thresholds.choose_threshold(rule, val.probs[:, i, 1], val.labels) for i, k in enumerate(model.keys)}
     chosen[FUSED] = thresholds.choose_threshold(rule, fused[:, 1], val.labels)
     return chosen, where

@@ -145,6 +145,11 @@ def fit_fusion(
     log.info(
         "thresholds (metrics.threshold=%s, branches on val, fused on %s): %s", cfg.metrics.threshold, fused_on, chosen
     )
+    # the final fused model's validation AUROC on predictions its fit has not seen (best/val/fused/auroc is the
+    # best epoch's, before the fusion was fitted): what a recipe with a fitted fusion should be compared on
+    fused_val, scored_on = decisions.held_out_fused(model, val, source.val.groups, int(cfg.seed))
+    logger.log_metrics({"fusion/val_auroc": branch_auroc(fused_val, val.labels)})
+    tracking.log_params(logger, {"fusion/val_auroc_on": scored_on})
     # how differently the final branches decide on validation, at their thresholds (ensembles only)
     diversity = diversity_metrics("val", val.labels, val.probs, model.keys, trained_thresholds(model))
     if diversity:

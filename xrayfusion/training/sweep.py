@@ -23,7 +23,8 @@ ENV_SWEEP_ID = "XRAYFUSION_SWEEP_ID"
 ENV_SWEEP_JOB = "XRAYFUSION_SWEEP_JOB"
 SWEEP_TAG = "sweep_id"
 BEST_PREFIX = "best/"
-SUMMARY_METRICS = ("test/fused/acc", "test/fused/f1", "test/fused/auroc", "time/fit_seconds")
+# fusion/val_auroc: the final (fitted) fusion on validation predictions its fit has not seen
+SUMMARY_METRICS = ("fusion/val_auroc", "test/fused/acc", "test/fused/f1", "test/fused/auroc", "time/fit_seconds")
 # params that differ between jobs without being a choice of the sweep
 _NOISE_PARAMS = ("paths/", "logger/", "hydra/")
 
