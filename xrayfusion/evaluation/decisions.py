@@ -58,15 +58,24 @@ def held_out_fused(
 
 
 def choose_thresholds(
-    rule: Any, model: FusionClassifier, val: Predictions, groups: Sequence[str], seed: int
+    rule: Any,
+    model: FusionClassifier,
+    val: Predictions,
+    groups: Sequence[str],
+    seed: int,
+    held_out: tuple[torch.Tensor, str] | None = None,
 ) -> tuple[dict[str, float], str]:
     """({model name: threshold}, where the fused one was chosen) for `rule` on validation predictions `val`;
-    ({}, ...) for more than two classes (argmax decides)."""
+    ({}, ...) for more than two classes (argmax decides). `held_out`: `held_out_fused`'s answer when the caller
+    already has it (it is computed here otherwise)."""
     parsed = thresholds.parse_rule(rule)
     if int(model.hparams.num_classes) != 2:
         return {}, "argmax"
     # a fixed threshold is chosen on nothing; a rule on predictions the fitted fusion has not seen
-    fused, where = (val.fused, "val") if isinstance(parsed, float) else held_out_fused(model, val, groups, seed)
+    if isinstance(parsed, float):
+        fused, where = val.fused, "val"
+    else:
+        fused, where = held_out or held_out_fused(model, val, groups, seed)
     chosen = {k: thresholds.choose_threshold(rule, val.probs[:, i, 1], val.labels) for i, k in enumerate(model.keys)}
     chosen[FUSED] = thresholds.choose_threshold(rule, fused[:, 1], val.labels)
     return chosen, where

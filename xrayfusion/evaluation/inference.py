@@ -17,6 +17,7 @@ from xrayfusion.core.names import FUSED
 from xrayfusion.data import ImageSet
 from xrayfusion.data.transforms import TensorDataset
 from xrayfusion.models import FusionClassifier
+from xrayfusion.models.feature_cache import split_views
 
 
 @dataclass(frozen=True)
@@ -51,17 +52,6 @@ def _batches(data: torch.Tensor | ImageSet | DataLoader, batch_size: int) -> Ite
     return ((x, y) for x, y in data)
 
 
-def _rows(
-    features: Mapping[str, torch.Tensor] | None, start: int, n: int, device: torch.device
-) -> tuple[dict[str, torch.Tensor] | None, list[dict[str, torch.Tensor]] | None]:
-    """The cached features of images start..start+n: those of the plain view, and of each other view."""
-    if not features:
-        return None, None
-    views = next(iter(features.values())).shape[0]
-    by_view = [{k: v[t, start : start + n].to(device) for k, v in features.items()} for t in range(views)]
-    return by_view[0], by_view[1:] or None
-
-
 def predict(
     model: FusionClassifier,
     data: torch.Tensor | ImageSet | DataLoader,
@@ -86,7 +76,11 @@ def predict(
     start = 0
     with eval_mode(model):
         for x, y in _batches(data, batch_size):
-            cached, others = _rows(features, start, len(x), model.device)
+            cached, others = (
+                split_views({k: v[:, start : start + len(x)] for k, v in features.items()}, model.device)
+                if features
+                else (None, None)
+            )
             start += len(x)
             out = model(x.to(model.device), cached, others)
             parts["logits"].append(out["logits"].float().cpu())

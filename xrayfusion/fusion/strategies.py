@@ -134,8 +134,12 @@ class AverageFusion(Fusion):
             return {}
         w = learn_weights(probs.double().cpu().numpy(), labels.cpu().numpy())
         self.weights.copy_(torch.from_numpy(w))
+        return self.weight_params(names)
+
+    def weight_params(self, names: Sequence[str] | None = None) -> dict[str, float]:
+        """The weights as MLflow params, `average/weight_<branch>`."""
         names = list(names) if names is not None else [str(i) for i in range(self.n_branches)]
-        return {f"average/weight_{n}": round(float(v), 6) for n, v in zip(names, w, strict=True)}
+        return {f"average/weight_{n}": round(float(v), 6) for n, v in zip(names, self.weights, strict=True)}
 
 
 @register_fusion

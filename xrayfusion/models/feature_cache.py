@@ -63,21 +63,14 @@ class FeatureStore:
 
         Training draws one of the V views per image (torch's global generator, so a seeded run repeats);
         with one view nothing is drawn."""
-        table = self.train if split == "train" else self.val
         index = index.cpu().long()
-        plain: dict[str, torch.Tensor] = {}
-        others: list[dict[str, torch.Tensor]] = []
-        for key, feats in table.items():
-            if split == "train" and feats.shape[0] > 1:
-                view = torch.randint(feats.shape[0], (len(index),))
-                plain[key] = feats[view, index].to(device, non_blocking=True)
-                continue
-            plain[key] = feats[0, index].to(device, non_blocking=True)
-            for t in range(1, feats.shape[0]):
-                if len(others) < t:
-                    others.append({})
-                others[t - 1][key] = feats[t, index].to(device, non_blocking=True)
-        return plain, others or None
+        if split == "train":  # one row per image: view 0, or one of the V augmented views drawn per image
+            drawn = {
+                k: v[torch.randint(v.shape[0], (len(index),)) if v.shape[0] > 1 else 0, index]
+                for k, v in self.train.items()
+            }
+            return {k: v.to(device, non_blocking=True) for k, v in drawn.items()}, None
+        return split_views({k: v[:, index] for k, v in self.val.items()}, device)
 
     def eval_features(
         self, split: str, n_views: int, index: Sequence[int] | np.ndarray | None = None
@@ -101,6 +94,16 @@ class FeatureStore:
         rows = torch.as_tensor(list(index), dtype=torch.long)
         train = {k: v[:, rows] for k, v in self.train.items()}
         return FeatureStore(train, self.val, self.needs_images, self.train_augmented)
+
+
+def split_views(
+    rows: Mapping[str, torch.Tensor], device: torch.device
+) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]] | None]:
+    """(T, n, D) cached rows per branch key -> (those of the plain view, those of each other test-time view or
+    None), on `device`: what `FusionClassifier.forward` takes as `features` and `view_features`."""
+    views = next(iter(rows.values())).shape[0] if rows else 1
+    by_view = [{k: v[t].to(device, non_blocking=True) for k, v in rows.items()} for t in range(views)]
+    return by_view[0], by_view[1:] or None
 
 
 # ---- keys --------------------------------------------------------------------------------------------------

@@ -17,24 +17,16 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig
 from pytorch_lightning.loggers import MLFlowLogger
-from torchmetrics.functional.classification import binary_auroc, multiclass_auroc
 
 from xrayfusion import tracking
 from xrayfusion.data import SourceData, XRayDataModule
 from xrayfusion.evaluation.inference import predict
+from xrayfusion.evaluation.metrics import compute_metrics
 from xrayfusion.fusion import calibration
 from xrayfusion.fusion.crossfit import FitPredict
 from xrayfusion.training.factory import build_model, build_trainer, restore_best
 
 log = logging.getLogger(__name__)
-
-
-def branch_auroc(probs: torch.Tensor, labels: torch.Tensor) -> float:
-    if len(torch.unique(labels)) < 2:
-        return float("nan")
-    if probs.shape[1] == 2:
-        return float(binary_auroc(probs[:, 1], labels))
-    return float(multiclass_auroc(probs, labels, num_classes=probs.shape[1]))
 
 
 def fold_fit_predict(
@@ -89,7 +81,7 @@ def fold_fit_predict(
                 tracking.log_params(logger, calibration.temperature_params(model.keys, temps))
             held_features = dm.feature_store and dm.feature_store.eval_features("train", n_views, held_idx)
             out = predict(model, held, dm.batch_size, held_features)
-            aurocs = {k: branch_auroc(out.probs[:, i], out.labels) for i, k in enumerate(model.keys)}
+            aurocs = {k: compute_metrics(out.labels, out.probs[:, i])["auroc"] for i, k in enumerate(model.keys)}
             logger.log_metrics({f"oof/{k}/auroc": v for k, v in aurocs.items()})
         except BaseException:
             tracking.set_status(logger, "FAILED")

@@ -25,9 +25,10 @@ from xrayfusion.evaluation import decisions
 from xrayfusion.evaluation.diversity import diversity_metrics
 from xrayfusion.evaluation.inference import Predictions, predict
 from xrayfusion.evaluation.loading import trained_thresholds
+from xrayfusion.evaluation.metrics import compute_metrics
 from xrayfusion.fusion import calibration, crossfit
 from xrayfusion.models import FusionClassifier
-from xrayfusion.training.folds import branch_auroc, fold_fit_predict
+from xrayfusion.training.folds import fold_fit_predict
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,7 @@ def calibrate(model: FusionClassifier, dm: XRayDataModule, logger: MLFlowLogger)
 def _choose_cv(cfg: DictConfig, model: FusionClassifier, val: Predictions, logger: MLFlowLogger) -> int | None:
     """fusion.cv=auto: holdout, K out-of-fold folds or no fit, from the branches' validation AUROCs (logged)."""
     saturated_at, folds = crossfit.auto_settings(cfg.fusion.get("auto_cv"))
-    aurocs = {k: branch_auroc(val.probs[:, i], val.labels) for i, k in enumerate(model.keys)}
+    aurocs = {k: compute_metrics(val.labels, val.probs[:, i])["auroc"] for i, k in enumerate(model.keys)}
     n_splits, reason = crossfit.choose_cv(aurocs, saturated_at, folds)
     tracking.log_params(logger, {"fusion/cv_rule": "auto", "fusion/cv_reason": reason})
     log.info("fusion.cv=auto: %s", reason)
@@ -104,9 +105,7 @@ def fit_fusion(
         n_splits = _choose_cv(cfg, model, val, logger)
     if model.fusion.needs_fit and n_splits == 0:  # fusion.cv=auto on a saturated validation, auto_cv.folds=0
         model.hparams.fusion_fitted_on = "none"
-        weights = {
-            f"average/weight_{k}": round(float(w), 6) for k, w in zip(model.keys, model.fusion.weights, strict=True)
-        }
+        weights = model.fusion.weight_params(model.keys)
         tracking.log_params(logger, {"fusion/fitted_on": "none", **weights})
         log.info("fusion not fitted (validation saturated, fusion.auto_cv.folds=0): equal weights %s", weights)
     elif model.fusion.needs_fit:
@@ -135,7 +134,11 @@ def fit_fusion(
         tracking.log_artifact(logger, path)
         val = None  # the fused probabilities changed
     val = val or _val(model, dm)
-    chosen, fused_on = decisions.choose_thresholds(cfg.metrics.threshold, model, val, source.val.groups, int(cfg.seed))
+    # the fused validation predictions no fit of the fusion has seen: for the threshold rule and the final score
+    held_out = decisions.held_out_fused(model, val, source.val.groups, int(cfg.seed))
+    chosen, fused_on = decisions.choose_thresholds(
+        cfg.metrics.threshold, model, val, source.val.groups, int(cfg.seed), held_out
+    )
     tracking.log_params(logger, {"threshold/rule": str(cfg.metrics.threshold), "threshold/chosen_on": "val"})
     tracking.log_params(logger, {"threshold/fused_chosen_on": fused_on})
     if chosen:
@@ -147,9 +150,8 @@ def fit_fusion(
     )
     # the final fused model's validation AUROC on predictions its fit has not seen (best/val/fused/auroc is the
     # best epoch's, before the fusion was fitted): what a recipe with a fitted fusion should be compared on
-    fused_val, scored_on = decisions.held_out_fused(model, val, source.val.groups, int(cfg.seed))
-    logger.log_metrics({"fusion/val_auroc": branch_auroc(fused_val, val.labels)})
-    tracking.log_params(logger, {"fusion/val_auroc_on": scored_on})
+    logger.log_metrics({"fusion/val_auroc": compute_metrics(val.labels, held_out[0])["auroc"]})
+    tracking.log_params(logger, {"fusion/val_auroc_on": held_out[1]})
     # how differently the final branches decide on validation, at their thresholds (ensembles only)
     diversity = diversity_metrics("val", val.labels, val.probs, model.keys, trained_thresholds(model))
     if diversity:
