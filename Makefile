@@ -32,9 +32,11 @@ browser:
 TEST_WORKERS ?= 2
 test: install browser
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check xrayfusion tests scripts
 	$(VENV)/bin/lint-imports
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 lint: install
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check xrayfusion tests scripts
 	$(VENV)/bin/lint-imports

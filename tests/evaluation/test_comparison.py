@@ -13,12 +13,13 @@ from xrayfusion.evaluation import metrics as evaluation
 
 
 def fill_store(uri: str, tmp_path) -> dict[str, str]:
-    """Two finished runs with test metrics (one with intervals) and test predictions."""
+    """Two finished runs with validation scores, test metrics (one with intervals) and test predictions."""
     client = mlflow.MlflowClient(uri)
     exp = client.create_experiment("xrayfusion", artifact_location=(tmp_path / "artifacts").as_uri())
     ids = {}
-    for name, fusion, auroc in (("weak", "average", 0.61), ("strong", "stacking", 0.93)):
+    for name, fusion, auroc, score in (("weak", "average", 0.61, 0.99), ("strong", "stacking", 0.93, 0.95)):
         run = client.create_run(exp, run_name=name, tags={"fusion": fusion, "branches": "resnet18,small_cnn"})
+        client.log_metric(run.info.run_id, "selection/score", score)  # validation: weak looked better there
         for model, offset in (("fused", 0.0), ("resnet18", -0.05), ("small_cnn", -0.1)):
             client.log_metric(run.info.run_id, f"test/{model}/auroc", auroc + offset)
             client.log_metric(run.info.run_id, f"test/{model}/acc", 0.5 + offset)
@@ -57,6 +58,11 @@ def test_compare_runs_table_plots_and_read_only(tmp_path, tracking_uri: str) -> 
     assert list(ascending["run_name"]) == ["weak", "strong"] and list(ascending["model"]) == ["fused", "fused"]
     table = comparison.markdown_table(frame, ["acc", "auroc"])
     assert "0.930 [0.880, 0.970]" in table and "| weak" in table and table.count("\n") == 7
+    header, rows = table.splitlines()[0], table.splitlines()[2:]
+    assert "| val_score " in header and [r.count("| 0.9500 ") + r.count("| 0.9900 ") for r in rows] == [1, 0, 0] * 2
+    # by default runs are ranked on validation (what a recipe is chosen on), not on the test metrics shown
+    default = comparison.comparison_frame(runs, "test", ["acc", "auroc"])
+    assert list(default["run_name"]) == ["weak", "strong"] and list(default["val_score"]) == [0.99, 0.95]
     only = comparison.search_runs(tracking_uri, "xrayfusion", {"fusion": "stacking"})
     assert [r.info.run_name for r in only] == ["strong"]
     filtered = comparison.search_runs(tracking_uri, "xrayfusion", None, "metrics.`test/fused/auroc` < 0.7")
@@ -65,7 +71,7 @@ def test_compare_runs_table_plots_and_read_only(tmp_path, tracking_uri: str) -> 
         comparison.search_runs(tracking_uri, "nope")
     with pytest.raises(ConfigError, match="filter"):
         comparison.search_runs(tracking_uri, "xrayfusion", None, "metrics.auroc >>> 1")
-    with pytest.raises(ConfigError, match="sort_by"):
+    with pytest.raises(ConfigError, match="sort_by=auroc is neither val_score"):
         comparison.comparison_frame(runs, "test", ["acc"], sort_by="auroc")
     assert comparison.load_predictions(tracking_uri, ids["weak"], "test") is None
     preds = comparison.load_predictions(tracking_uri, ids["strong"], "test")

@@ -29,7 +29,9 @@ def test_train_each_fusion_logs_a_complete_run(train_task, tracking_uri: str, fu
         for metric in ("acc", "precision", "recall", "specificity", "f1", "auroc"):
             assert f"test/{name}/{metric}" in metrics and f"val/{name}/{metric}" in metrics
     assert_logged_test_metrics_recompute(tracking_uri, run.info.run_id)
-    assert best == pytest.approx(metrics["best/val/fused/auroc"])  # the task returns what sweeps optimise
+    # the task returns what sweeps optimise: the final fused model's validation AUROC (after the fusion's fit)
+    assert best == pytest.approx(metrics["selection/score"]) and best == pytest.approx(metrics["fusion/val_auroc"])
+    assert run.data.params["selection/source"] == "fusion/val_auroc" and "best/val/fused/auroc" in metrics
     assert "train/loss" in metrics and "val/loss" in metrics
     assert run.data.params["fusion/name"] == fusion and run.data.params["model/branches"] == "['resnet18', 'small_cnn']"
     artifacts = artifact_paths(client, run.info.run_id)

@@ -83,7 +83,9 @@ def test_bad_space_entries_name_the_key_and_the_fix(spec: object, message: str) 
 def test_search_only_overrides_stay_out_of_the_trials_and_passwords_out_of_tags() -> None:
     given = ["search.n_trials=3", "search/pruner=none", "search_space=default", "fusion=voting", "seed=1"]
     assert search.trial_overrides(given) == ["fusion=voting", "seed=1"]
-    assert search.redact("postgresql://me:s3cret@db.example:5432/optuna") == "postgresql://me:***@db.example:5432/optuna"
+    assert (
+        search.redact("postgresql://me:s3cret@db.example:5432/optuna") == "postgresql://me:***@db.example:5432/optuna"
+    )
     assert search.redact("sqlite:////tmp/optuna.db") == "sqlite:////tmp/optuna.db"
 
 
@@ -137,9 +139,10 @@ def test_search_resumes_its_study_and_logs_every_trial(cli_in_process, tracking_
         assert tags["optuna_trial"] == str(trial.number) and tags["sweep_id"] == "tiny"
         assert tags["optuna_storage"] == storage and tags["optuna_state"] == trial.state.name
         assert float(run.data.params["optimizer/lr"]) == pytest.approx(trial.params["optimizer.lr"])
-        if trial.state.name == "COMPLETE":  # the objective: the best epoch's validation value
+        if trial.state.name == "COMPLETE":  # the objective: the final fused model's validation AUROC
             assert run.info.status == "FINISHED"
-            assert run.data.metrics["best/val/fused/auroc"] == pytest.approx(trial.value)
+            assert run.data.metrics["selection/score"] == pytest.approx(trial.value)
+            assert run.data.metrics["selection/score"] == run.data.metrics["fusion/val_auroc"]
     summary = pd.read_csv(tmp_path / "outputs" / "run" / "search_summary.csv")
     assert list(summary["trial"].sort_values()) == [0, 1, 2] and set(summary["run_id"]) == set(runs)
     assert "best trial" in again.stdout and study.best_trial.user_attrs["mlflow_run_id"] in again.stdout
@@ -215,3 +218,16 @@ def test_search_config_composes_every_train_group() -> None:
     assert OmegaConf.select(cfg, "search.pruner.max_resource") == cfg.trainer.max_epochs
     assert isinstance(search.build_pruner(cfg.search.pruner), optuna.pruners.HyperbandPruner)
     assert isinstance(search.build_sampler(cfg.search.sampler, 3), optuna.samplers.TPESampler)
+
+
+def test_a_study_scored_the_old_way_is_refused_and_a_new_one_records_its_objective(tmp_path: Path) -> None:
+    storage_url = f"sqlite:///{tmp_path}/optuna.db"
+    cfg = compose_config("search", [f"search.storage={storage_url}", "search.study_name=old"])
+    storage = optuna.storages.RDBStorage(storage_url)
+    old = optuna.create_study(storage=storage, study_name="old", direction="maximize")
+    old.set_user_attr("optimized_metric", "val/fused/auroc")  # what a study of the best-epoch objective had
+    with pytest.raises(ConfigError, match="scored on the best epoch's val/fused/auroc .* pick another"):
+        search.open_study(cfg, storage, [])
+    cfg.search.study_name = "new"
+    assert search.open_study(cfg, storage, []).user_attrs["objective"] == "selection/score"
+    assert search.open_study(cfg, storage, []).study_name == "new"  # and it resumes

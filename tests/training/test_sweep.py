@@ -90,6 +90,28 @@ def test_summary_table_shows_what_the_sweep_varied_best_first(mode: str, order: 
     assert md[-1].startswith("| c | fedcba98 | 2 | FAILED | voting |  |")
 
 
+def test_summary_table_ranks_on_the_selection_score_not_the_pre_fit_epoch() -> None:
+    """A fitted fusion is ranked on what it scores after its fit (selection/score), not on the best epoch before."""
+    runs = _runs().assign(**{"metrics.selection/score": [0.95, 0.8, np.nan]})
+    table = sweep.summary_table(runs, "val/fused/auroc", "max")
+    assert list(table["run"]) == ["a", "b", "c"]  # b has the better best epoch (0.9 > 0.7), a the better score
+    assert list(table.columns)[4:7] == ["fusion/name", "selection/score", "best/val/fused/auroc"]
+
+
+@pytest.mark.parametrize(
+    ("metric", "best", "fused", "expected"),
+    [
+        ("val/fused/auroc", 0.9, 0.95, (0.95, "fusion/val_auroc")),
+        ("val/fused/auroc", 0.9, float("nan"), (0.9, "best/val/fused/auroc")),  # one class on validation
+        ("val/fused/auroc", 0.9, None, (0.9, "best/val/fused/auroc")),
+        ("val/loss", 0.3, 0.95, (0.3, "best/val/loss")),  # no post-fit counterpart: the best epoch's value
+        ("val/loss", None, 0.95, (None, "best/val/loss")),
+    ],
+)
+def test_selection_score(metric: str, best: float | None, fused: float | None, expected: tuple) -> None:
+    assert sweep.selection_score(metric, best, fused) == expected
+
+
 def test_summary_of_no_runs_is_an_empty_table(tmp_path: Path) -> None:
     table = sweep.summary_table(pd.DataFrame(), "val/fused/auroc")
     assert table.empty and list(table.columns) == ["run", "run_id", "status"]
@@ -144,6 +166,7 @@ def test_multirun_tags_each_job_with_one_sweep_id_and_prints_the_table(run_cli, 
     assert f"Sweep {sweep_id}: 2 runs" in result.stdout
     summary = (sweep_dir / "sweep_summary.md").read_text()
     assert "| stacking |" in summary and "| average |" in summary and "best/val/fused/auroc" in summary
+    assert "selection/score" in summary
     for run in runs:  # the logged best is the best epoch of the per-epoch series
         history = mlflow.MlflowClient(tracking_uri).get_metric_history(run.info.run_id, "val/fused/auroc")
         assert run.data.metrics["best/val/fused/auroc"] == pytest.approx(max(m.value for m in history))

@@ -14,7 +14,7 @@ from matplotlib.figure import Figure
 from mlflow.entities import Run
 
 from xrayfusion.core.errors import ConfigError, DataError
-from xrayfusion.core.names import DIVERSITY, DIVERSITY_METRICS, FUSED
+from xrayfusion.core.names import DIVERSITY, DIVERSITY_METRICS, FUSED, SELECTION_METRIC
 from xrayfusion.evaluation.metrics import probs_from_frame
 from xrayfusion.evaluation.plots import plt, roc_points
 
@@ -24,6 +24,8 @@ DEFAULT_METRICS = ("acc", "precision", "recall", "specificity", "f1", "auroc")
 INFO_COLUMNS = ("run_name", "run_id", "model", "fusion", "branches", "data")
 # the mean over pairs of branches of each diversity metric, on the fused row of ensemble runs
 DIVERSITY_COLUMNS = tuple(f"mean_{m}" for m in DIVERSITY_METRICS)
+# the run's validation score (`selection/score`, what a recipe is chosen on), on its fused row; the default sort
+SELECTION = "val_score"
 
 
 def build_filter(tags: Mapping[str, str] | None, filter_string: str | None) -> str:
@@ -78,13 +80,15 @@ def comparison_frame(
     prefix: str = "test",
     metrics: Sequence[str] = DEFAULT_METRICS,
     branches: bool = False,
-    sort_by: str = "auroc",
+    sort_by: str = SELECTION,
     ascending: bool = False,
 ) -> pd.DataFrame:
-    """One row per run (its fused model) and, with `branches`, per branch; runs sorted by the fused `sort_by`.
+    """One row per run (its fused model) and, with `branches`, per branch; runs sorted by `sort_by`: `val_score`
+    (the run's validation selection score, `selection/score`: choose recipes on it) or one of `metrics` under
+    `prefix` (of the fused model).
 
-    Fused rows also get the ensemble's mean branch diversity (`mean_disagreement`, `mean_error_corr`; NaN for
-    one-branch runs and runs logged before it existed).
+    Fused rows also get the run's `val_score` and the ensemble's mean branch diversity (`mean_disagreement`,
+    `mean_error_corr`; NaN for one-branch runs and runs logged before they existed).
     """
     rows = []
     for order, run in enumerate(runs):
@@ -98,6 +102,7 @@ def comparison_frame(
                 "fusion": run.data.tags.get("fusion", ""),
                 "branches": run.data.tags.get("branches", ""),
                 "data": run.data.tags.get("data", ""),
+                SELECTION: run.data.metrics.get(SELECTION_METRIC, math.nan) if model == FUSED else math.nan,
                 "_run": order,
                 "_fused": model != FUSED,
             }
@@ -111,8 +116,8 @@ def comparison_frame(
     frame = pd.DataFrame(rows)
     if frame.empty:
         return frame
-    if sort_by not in metrics:
-        raise ConfigError(f"sort_by={sort_by} is not one of the compared metrics {list(metrics)}")
+    if sort_by != SELECTION and sort_by not in metrics:
+        raise ConfigError(f"sort_by={sort_by} is neither {SELECTION} nor one of the compared metrics {list(metrics)}")
     key = frame[frame["model"] == FUSED].set_index("_run")[sort_by]
     frame["_key"] = frame["_run"].map(key)
     frame = frame.sort_values(["_key", "_run", "_fused"], ascending=[ascending, True, True], na_position="last")
@@ -120,8 +125,8 @@ def comparison_frame(
 
 
 def markdown_table(frame: pd.DataFrame, metrics: Sequence[str] = DEFAULT_METRICS, digits: int = 3) -> str:
-    """Markdown with `value [low, high]` cells (intervals where the run has them), then the mean branch
-    diversity columns when any run has them."""
+    """Markdown with the runs' validation scores (when any run has one), then `value [low, high]` cells
+    (intervals where the run has them), then the mean branch diversity columns when any run has them."""
 
     def cell(row: pd.Series, metric: str) -> str:
         value, lo, hi = row[metric], row[f"{metric}_ci_low"], row[f"{metric}_ci_high"]
@@ -132,6 +137,8 @@ def markdown_table(frame: pd.DataFrame, metrics: Sequence[str] = DEFAULT_METRICS
 
     table = frame[["run_name", "model", "fusion", "branches", "data"]].copy()
     table.insert(1, "run_id", frame["run_id"].str[:8])
+    if SELECTION in frame and frame[SELECTION].notna().any():
+        table[SELECTION] = [f"{v:.4f}" if math.isfinite(v) else "n/a" for v in frame[SELECTION]]
     for metric in metrics:
         table[metric] = [cell(row, metric) for _, row in frame.iterrows()]
     for column in DIVERSITY_COLUMNS:

@@ -12,8 +12,9 @@ import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from omegaconf import DictConfig
 from pytorch_lightning.loggers import MLFlowLogger
@@ -89,12 +90,22 @@ def _choose_cv(cfg: DictConfig, model: FusionClassifier, val: Predictions, logge
     return n_splits
 
 
+class FusionOutcome(NamedTuple):
+    """What the fusion phase decided: where the fused threshold was chosen (`val`, `val_crossfit5`) and the final
+    fused model's validation AUROC on predictions its fit has not seen (`fusion/val_auroc`) and what those are
+    (`val`, `val_crossfit5`: `decisions.held_out_fused`)."""
+
+    threshold_on: str
+    val_auroc: float
+    val_auroc_on: str
+
+
 def fit_fusion(
     cfg: DictConfig, model: FusionClassifier, dm: XRayDataModule, logger: MLFlowLogger, out_dir: Path
-) -> str:
-    """Calibrate (fusion.calibrate), fit the fusion (fusion.cv), choose thresholds (metrics.threshold) and log
-    the branches' diversity on validation (`val/diversity/...`); returns where the fused threshold was chosen
-    (`val`, `val_crossfit5`)."""
+) -> FusionOutcome:
+    """Calibrate (fusion.calibrate), fit the fusion (fusion.cv), choose thresholds (metrics.threshold), log the
+    final fused validation AUROC (`fusion/val_auroc`) and the branches' diversity on validation
+    (`val/diversity/...`)."""
     source = dm.prepare()
     calibrate_on = bool(cfg.fusion.get("calibrate", False))
     val = calibrate(model, dm, logger) if calibrate_on else None
@@ -144,16 +155,19 @@ def fit_fusion(
     if chosen:
         model.hparams.threshold = chosen[FUSED]
         model.hparams.branch_thresholds = {k: chosen[k] for k in model.keys}  # saved in the checkpoint
-        tracking.log_params(logger, {f"threshold/{k}": round(v, 6) for k, v in chosen.items()})
+        # exact: the float32 the decision rule compares with, so the logged predictions and these params give the
+        # logged metrics even for a probability that lies on the threshold (rounding could flip it)
+        tracking.log_params(logger, {f"threshold/{k}": str(np.float32(v)) for k, v in chosen.items()})
     log.info(
         "thresholds (metrics.threshold=%s, branches on val, fused on %s): %s", cfg.metrics.threshold, fused_on, chosen
     )
     # the final fused model's validation AUROC on predictions its fit has not seen (best/val/fused/auroc is the
     # best epoch's, before the fusion was fitted): what a recipe with a fitted fusion should be compared on
-    logger.log_metrics({"fusion/val_auroc": compute_metrics(val.labels, held_out[0])["auroc"]})
+    val_auroc = float(compute_metrics(val.labels, held_out[0])["auroc"])
+    logger.log_metrics({"fusion/val_auroc": val_auroc})
     tracking.log_params(logger, {"fusion/val_auroc_on": held_out[1]})
     # how differently the final branches decide on validation, at their thresholds (ensembles only)
     diversity = diversity_metrics("val", val.labels, val.probs, model.keys, trained_thresholds(model))
     if diversity:
         logger.log_metrics(diversity)
-    return fused_on
+    return FusionOutcome(fused_on, val_auroc, held_out[1])

@@ -24,7 +24,7 @@ from pytorch_lightning.utilities import rank_zero_only
 from xrayfusion import tracking
 from xrayfusion.core import runtime
 from xrayfusion.core.errors import ConfigError
-from xrayfusion.core.names import FUSED
+from xrayfusion.core.names import FUSED, SELECTION_METRIC, SELECTION_SOURCE
 from xrayfusion.data import SourceData, XRayDataModule
 from xrayfusion.data.skipped import write_skipped_csv
 from xrayfusion.evaluation import plots
@@ -37,7 +37,7 @@ from xrayfusion.training import sweep
 from xrayfusion.training.config import validate
 from xrayfusion.training.factory import TrainerParts, bf16_param, build_model, build_trainer, restore_best, trainer_bf16
 from xrayfusion.training.finetuning import frozen_for_whole_run
-from xrayfusion.training.fusion_phase import fit_fusion
+from xrayfusion.training.fusion_phase import FusionOutcome, fit_fusion
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class Run:
     ckpt_dir: Path
     resume: resuming.Resume | None
     test_results: pd.DataFrame | None = None
-    fused_threshold_on: str = "val"
+    fusion: FusionOutcome | None = None  # set by the fusion phase
 
 
 def run_name(cfg: DictConfig) -> str:
@@ -244,15 +244,17 @@ def parameter_summary(model: FusionClassifier) -> str:
     return f"{', '.join(parts)} ({millions(count(model))} parameters, {millions(count(model, True))} trainable)"
 
 
-def summary(run: Run) -> str:
-    """What a run prints last: the test table with the thresholds and where they were chosen, the full run id,
-    where its files are, and how to look at it in the MLflow UI."""
+def summary(run: Run, score: float | None = None, source: str = "") -> str:
+    """What a run prints last: its validation selection score, the test table with the thresholds and where they
+    were chosen, the full run id, where its files are, and how to look at it in the MLflow UI."""
     model, lines = run.model, []
+    if score is not None:
+        lines.append(f"validation score (what sweeps, searches and compare rank runs on): {score:.4f} ({source})")
     results = run.test_results
     if results is not None and not results.empty:
         values = results.set_index(["model", "metric"])["value"]
         thresholds = {**(model.hparams.get("branch_thresholds") or {}), FUSED: model.hparams.threshold}
-        where = f"branches on val, fused on {run.fused_threshold_on}"
+        where = f"branches on val, fused on {run.fusion.threshold_on if run.fusion else 'val'}"
         binary = int(model.hparams.num_classes) == 2
         rule = run.cfg.metrics.threshold
         lines.append(
@@ -288,17 +290,24 @@ def clean_up(run: Run) -> list[Path]:
 
 
 def finish(run: Run, parts: TrainerParts) -> float | None:
-    """Training curves and the best value of `optimized_metric` (what sweeps optimise); prints the summary."""
+    """Training curves, the best-epoch value of `optimized_metric` and the run's selection score (what sweeps,
+    searches and `compare` rank on; `sweep.selection_score`); prints the summary; returns the score."""
     if parts.history.history and rank_zero_only.rank == 0:
         log_figure(run.logger, plots.training_curves_figure(parts.history.history), run.out_dir, "training_curves.png")
-    score = parts.checkpoint.best_model_score
-    best = None if score is None else float(score)
-    run.logger.log_metrics(sweep.best_metric(str(run.cfg.optimized_metric), best))
+    best_score = parts.checkpoint.best_model_score
+    best = None if best_score is None else float(best_score)
+    metric = str(run.cfg.optimized_metric)
+    run.logger.log_metrics(sweep.best_metric(metric, best))
+    score, source = sweep.selection_score(metric, best, run.fusion.val_auroc if run.fusion else None)
+    if score is not None:
+        run.logger.log_metrics({SELECTION_METRIC: score})
+        tracking.log_params(run.logger, {SELECTION_SOURCE: source})
     if rank_zero_only.rank == 0:
         removed = clean_up(run)
         log.info("removed %d resume checkpoint(s) of the finished run; kept %s", len(removed), FINAL_CHECKPOINT)
-        print(summary(run), flush=True)
-    return best
+        on = f", on {run.fusion.val_auroc_on}" if run.fusion and source == sweep.FUSED_VAL_AUROC else ""
+        print(summary(run, score, source + on), flush=True)
+    return score
 
 
 def train(
@@ -306,7 +315,9 @@ def train(
     callbacks: Sequence[pl.Callback] = (),
     stops: tuple[type[BaseException], ...] = (),
 ) -> float | None:
-    """Run one training; returns the best value of `optimized_metric` (None when never validated).
+    """Run one training; returns its selection score (`sweep.selection_score`: the final fused model's validation
+    AUROC on predictions its fusion's fit has not seen, or the best epoch's `optimized_metric`; None when never
+    validated).
 
     `callbacks` join the trainer's own (a search's pruning callback). An exception of a type in `stops` raised
     while the run is open (optuna.TrialPruned) ends it KILLED, not FAILED, removes its resume checkpoints as a
@@ -321,7 +332,7 @@ def train(
             cache_features(run)
             parts = build_trainer(cfg, run.model, run.logger, run.ckpt_dir, run.out_dir, extra_callbacks=callbacks)
             fit(run, parts)
-            run.fused_threshold_on = fit_fusion(cfg, run.model, run.dm, run.logger, run.out_dir)  # + thresholds
+            run.fusion = fit_fusion(cfg, run.model, run.dm, run.logger, run.out_dir)  # + thresholds
             save_model(run, parts)
             if cfg.get("test", True) and run.source.test is not None:
                 test_and_report(run)

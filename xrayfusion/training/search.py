@@ -5,7 +5,9 @@ it: `search.n_trials` is the study's total of finished (COMPLETE + PRUNED) trial
 Each trial is composed in-process from the train config with the command's overrides plus the sampled values,
 trained by `train()` as one MLflow run (tags `optuna_study`, `optuna_trial`, `optuna_storage`, `sweep_id`), and
 reports the validation value of `optimized_metric` after every epoch to the pruner (`OptunaPruning`). The
-objective is the best epoch's value of `optimized_metric`, on validation only.
+objective is the trial's selection score (`sweep.selection_score`: the final fused model's validation AUROC after
+its fusion was fitted, on predictions the fit has not seen; the best epoch's `optimized_metric` for other metrics),
+on validation only.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from optuna.trial import TrialState
 from xrayfusion import tracking
 from xrayfusion.core.cli import error_message
 from xrayfusion.core.errors import ConfigError, XrayfusionError
+from xrayfusion.core.names import SELECTION_METRIC
 from xrayfusion.training import sweep
 from xrayfusion.training.config import validate
 from xrayfusion.training.run import run_name, train
@@ -159,8 +162,14 @@ def open_study(cfg: DictConfig, storage: optuna.storages.BaseStorage, fixed: Seq
             f"study {name!r} optimises {attrs['optimized_metric']}, not optimized_metric={metric}: its values are not "
             "comparable; pick another search.study_name"
         )
+    if "optimized_metric" in attrs and attrs.get("objective") != SELECTION_METRIC:
+        raise ConfigError(
+            f"study {name!r} was scored on the best epoch's {metric} (an older xrayfusion), not on {SELECTION_METRIC} "
+            "(after the fusion's fit): its values are not comparable; pick another search.study_name"
+        )
     if "optimized_metric" not in attrs:
         study.set_user_attr("optimized_metric", metric)
+        study.set_user_attr("objective", SELECTION_METRIC)
         study.set_user_attr("fixed_overrides", list(fixed))
     elif sorted(attrs.get("fixed_overrides", [])) != sorted(fixed):
         log.warning(
@@ -228,7 +237,7 @@ def find_trial_run(tracking_uri: str, experiment: str, study: str, number: int) 
 
 
 class Objective:
-    """The study's objective: one training per trial, the best epoch's value of `optimized_metric`."""
+    """The study's objective: one training per trial, its selection score (`sweep.selection_score`)."""
 
     def __init__(
         self,

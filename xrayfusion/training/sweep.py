@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from xrayfusion.core.names import SELECTION_METRIC
+
 if TYPE_CHECKING:  # mlflow and pandas load lazily: Hydra builds this callback on every command
     import pandas as pd
 
@@ -24,7 +26,8 @@ ENV_SWEEP_JOB = "XRAYFUSION_SWEEP_JOB"
 SWEEP_TAG = "sweep_id"
 BEST_PREFIX = "best/"
 # fusion/val_auroc: the final (fitted) fusion on validation predictions its fit has not seen
-SUMMARY_METRICS = ("fusion/val_auroc", "test/fused/acc", "test/fused/f1", "test/fused/auroc", "time/fit_seconds")
+FUSED_VAL_AUROC = "fusion/val_auroc"
+SUMMARY_METRICS = (FUSED_VAL_AUROC, "test/fused/acc", "test/fused/f1", "test/fused/auroc", "time/fit_seconds")
 # params that differ between jobs without being a choice of the sweep
 _NOISE_PARAMS = ("paths/", "logger/", "hydra/")
 
@@ -101,19 +104,23 @@ def summary_table(
     mode: str = "max",
     metrics: Sequence[str] = SUMMARY_METRICS,
 ) -> pd.DataFrame:
-    """One row per run: name, status, the params the sweep varied, the best `optimized_metric`, test metrics.
+    """One row per run: name, status, the params the sweep varied, its selection score, the best-epoch value of
+    `optimized_metric`, `metrics`.
 
-    Sorted best first by the best-epoch value of `optimized_metric` (runs without it last).
+    Sorted best first by `selection/score` (`selection_score`; runs without it last), or by the best-epoch value
+    of `optimized_metric` for runs logged before the score existed.
     """
     if runs.empty:
         return runs.reindex(columns=["run", "run_id", "status"])
     best = f"metrics.{BEST_PREFIX}{optimized_metric}"
-    metric_cols = [c for c in (best, *(f"metrics.{m}" for m in metrics)) if c in runs.columns]
+    score = f"metrics.{SELECTION_METRIC}"
+    metric_cols = [c for c in (score, best, *(f"metrics.{m}" for m in metrics)) if c in runs.columns]
     job = ["tags.sweep_job"] if "tags.sweep_job" in runs.columns else []
     cols = ["run", "run_id", *job, "status", *varying_params(runs), *metric_cols]
     table = runs.assign(run_id=runs["run_id"].str[:8]).sort_values("start_time")[cols]  # a prefix evaluate takes
-    if best in table.columns:
-        table = table.sort_values(best, ascending=mode == "min", na_position="last", kind="stable")
+    key = score if score in table.columns else best
+    if key in table.columns:
+        table = table.sort_values(key, ascending=mode == "min", na_position="last", kind="stable")
     table = table.rename(columns=lambda c: c.split(".", 1)[1] if c.startswith(("params.", "metrics.")) else c)
     table = table.rename(columns={"tags.sweep_job": "job"})
     return table.reset_index(drop=True)
@@ -230,6 +237,17 @@ def sweep_tags(sweep_id: str | None, job_num: str | int | None = None) -> dict[s
     if job_num not in (None, ""):
         tags["sweep_job"] = str(job_num)
     return tags
+
+
+def selection_score(
+    optimized_metric: str, best: float | None, fused_val_auroc: float | None
+) -> tuple[float | None, str]:
+    """The run's score and the metric it is taken from: `fusion/val_auroc` (the final fused model, after its fusion
+    was fitted, on validation predictions the fit has not seen) when `optimized_metric` is the fused validation
+    AUROC, else the best epoch's value of `optimized_metric` (there is no post-fit counterpart to it)."""
+    if optimized_metric == "val/fused/auroc" and fused_val_auroc is not None and math.isfinite(fused_val_auroc):
+        return float(fused_val_auroc), FUSED_VAL_AUROC
+    return best, f"{BEST_PREFIX}{optimized_metric}"
 
 
 def best_metric(name: str, value: float | None) -> dict[str, float]:
