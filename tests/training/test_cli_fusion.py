@@ -2,13 +2,17 @@
 
 import csv
 import json
+from pathlib import Path
 
 import mlflow
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from tests.conftest import SMALL_SYNTHETIC, assert_logged_test_metrics_recompute
+from xrayfusion.evaluation.evaluate import evaluate_model
+from xrayfusion.evaluation.loading import load_classifier
 
 
 def parent_and_children(tracking_uri: str) -> tuple[mlflow.entities.Run, list[mlflow.entities.Run]]:
@@ -69,7 +73,7 @@ def test_cross_fitted_stacking_logs_folds_oof_calibration_and_thresholds(cli_in_
     ],
 )
 def test_holdout_fits_log_what_they_fitted(
-    cli_in_process, tracking_uri: str, fusion_args: list, fitted_param: str
+    cli_in_process, tracking_uri: str, tmp_path: Path, fusion_args: list, fitted_param: str
 ) -> None:
     args = ["model.branches=[small_cnn,small_cnn]", *fusion_args, "metrics.threshold=sensitivity@0.9"]
     result = cli_in_process([*args, *SMALL_SYNTHETIC])
@@ -86,6 +90,15 @@ def test_holdout_fits_log_what_they_fitted(
     assert "threshold/fused" in params and "test/fused/ece" in parent.data.metrics
     # the final fusion is scored on validation predictions its fit has not seen: cross-fitted ones
     assert params["fusion/val_auroc_on"] == "val_crossfit5" and 0 <= parent.data.metrics["fusion/val_auroc"] <= 1
+    # and evaluate split=val scores the fused model the same way (in-sample it would flatter the fit)
+    out = tmp_path / "outputs/run"
+    model = load_classifier(out / "checkpoints/best.ckpt")
+    data_cfg = OmegaConf.to_container(OmegaConf.load(out / "config.yaml").data, resolve=True)
+    results, _ = evaluate_model(model, data_cfg, "val", n_bootstrap=0)
+    auroc = results[results["metric"] == "auroc"].set_index("model")["value"]
+    assert auroc["fused"] == pytest.approx(parent.data.metrics["fusion/val_auroc"], abs=1e-6)
+    for name in ("small_cnn", "small_cnn_2"):  # branches are not fitted on validation: as logged
+        assert auroc[name] == pytest.approx(parent.data.metrics[f"val/{name}/auroc"], abs=1e-6)
 
 
 @pytest.mark.slow

@@ -12,6 +12,7 @@ from typing import Any
 import pandas as pd
 
 from xrayfusion.core.errors import ConfigError, DataError
+from xrayfusion.core.names import FUSED
 from xrayfusion.data import ImageSet, XRayDataModule
 from xrayfusion.evaluation import decisions
 from xrayfusion.evaluation.inference import predict
@@ -58,6 +59,8 @@ def evaluate_model(
 
     `threshold`: None = the thresholds chosen at training time; a number for every model; or a rule
     (youden, sensitivity@0.95) chosen on the run's own validation split, which `data_cfg` must then give.
+    With split=val, a fusion fitted on validation is scored on cross-fitted fused predictions
+    (`decisions.held_out_fused`), so its fused AUROC is the run's `fusion/val_auroc`.
     Returns (results rows of evaluate_predictions, predictions_frame).
     """
     if split not in ("train", "val", "test"):
@@ -75,11 +78,19 @@ def evaluate_model(
     if needs_val:
         check_run_split(model, source.val, cfg)
     match_classes(list(model.hparams.class_names), source.class_names)
-    probs = predict(model, data.images, batch_size).by_model()
+    val = predict(model, source.val, batch_size) if split == "val" or isinstance(rule, str) else None
+    held_out = None
+    if split == "val":
+        # a fusion fitted on validation is scored there on predictions no fit has seen (cross-fitted), as the
+        # training scored it (fusion/val_auroc): in-sample fused scores would flatter it
+        held_out = decisions.held_out_fused(model, val, source.val.groups, int(model.hparams["data_split"]["seed"]))
+        probs = {**val.by_model(), FUSED: held_out[0]}
+        log.info("fused validation predictions: %s", held_out[1])
+    else:
+        probs = predict(model, data.images, batch_size).by_model()
     if isinstance(rule, str):
-        val = predict(model, source.val, batch_size)
         chosen, where = decisions.choose_thresholds(
-            rule, model, val, source.val.groups, int(model.hparams["data_split"]["seed"])
+            rule, model, val, source.val.groups, int(model.hparams["data_split"]["seed"]), held_out
         )
         log.info(
             "thresholds (metrics.threshold=%s, chosen on the run's val split; fused on %s): %s", rule, where, chosen
