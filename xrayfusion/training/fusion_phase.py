@@ -80,6 +80,22 @@ def calibrate(model: FusionClassifier, dm: XRayDataModule, logger: MLFlowLogger)
     return val
 
 
+def _warn_if_saturated(cfg: DictConfig, model: FusionClassifier, val: Predictions) -> None:
+    """One warning line when the fusion is about to be fitted on a validation split its best branch already ranks
+    (almost) perfectly (the `fusion.cv=auto` rule): too few mistakes there to learn from, so the fit tends to copy
+    that branch."""
+    saturated_at, _ = crossfit.auto_settings(cfg.fusion.get("auto_cv"))
+    aurocs = {k: compute_metrics(val.labels, val.probs[:, i])["auroc"] for i, k in enumerate(model.keys)}
+    n_splits, reason = crossfit.choose_cv(aurocs, saturated_at, 5)
+    if n_splits is not None:
+        log.warning(
+            "fitting %s on a saturated validation split (%s): it holds too few mistakes to learn from and the fit "
+            "tends to copy that branch; fusion.cv=auto fits it on out-of-fold predictions instead",
+            cfg.fusion.name,
+            reason.split(": ")[1],
+        )
+
+
 def _choose_cv(cfg: DictConfig, model: FusionClassifier, val: Predictions, logger: MLFlowLogger) -> int | None:
     """fusion.cv=auto: holdout, K out-of-fold folds or no fit, from the branches' validation AUROCs (logged)."""
     saturated_at, folds = crossfit.auto_settings(cfg.fusion.get("auto_cv"))
@@ -123,6 +139,8 @@ def fit_fusion(
         if n_splits is None:
             val = val or _val(model, dm)
             held, probs, labels, folds = source.val, val.probs, val.labels, ["holdout"] * len(val.labels)
+            if rule != crossfit.AUTO:
+                _warn_if_saturated(cfg, model, val)
         else:
             started = time.perf_counter()
             log.info("cross-fitting %s on %d folds of %d training images", cfg.fusion.name, n_splits, len(source.train))
