@@ -21,7 +21,7 @@ from xrayfusion.training import search
 from xrayfusion.training.search_space import check_keys, fixed_keys, override_value, parse_param, parse_space
 
 # a tiny search: the branch set, fusion and batch size fixed on the command line (they leave the space)
-TINY = [*SMALL_SYNTHETIC, "model.branches=[small_cnn,darknet]", "fusion=average", "test=false"]
+TINY = [*SMALL_SYNTHETIC, "model.branches=[small_cnn,darknet]", "fusion=average"]
 
 
 # ---- the search space --------------------------------------------------------------------------------------
@@ -82,7 +82,9 @@ def test_bad_space_entries_name_the_key_and_the_fix(spec: object, message: str) 
 
 def test_search_only_overrides_stay_out_of_the_trials_and_passwords_out_of_tags() -> None:
     given = ["search.n_trials=3", "search/pruner=none", "search_space=default", "fusion=voting", "seed=1"]
-    assert search.trial_overrides(given) == ["fusion=voting", "seed=1"]
+    # trials skip the test split unless the command asks for it
+    assert search.trial_overrides(given) == ["test=false", "fusion=voting", "seed=1"]
+    assert search.trial_overrides([*given, "test=true"]) == ["fusion=voting", "seed=1", "test=true"]
     assert (
         search.redact("postgresql://me:s3cret@db.example:5432/optuna") == "postgresql://me:***@db.example:5432/optuna"
     )
@@ -143,9 +145,12 @@ def test_search_resumes_its_study_and_logs_every_trial(cli_in_process, tracking_
             assert run.info.status == "FINISHED"
             assert run.data.metrics["selection/score"] == pytest.approx(trial.value)
             assert run.data.metrics["selection/score"] == run.data.metrics["fusion/val_auroc"]
+        assert not any(k.startswith("test/") for k in run.data.metrics)  # trials never touch the test split
     summary = pd.read_csv(tmp_path / "outputs" / "run" / "search_summary.csv")
     assert list(summary["trial"].sort_values()) == [0, 1, 2] and set(summary["run_id"]) == set(runs)
     assert "best trial" in again.stdout and study.best_trial.user_attrs["mlflow_run_id"] in again.stdout
+    best_run = study.best_trial.user_attrs["mlflow_run_id"]
+    assert f"its test split, once: python -m xrayfusion.evaluate run_id={best_run} data=synthetic" in again.stdout
 
     done = cli_in_process([*args, "search.n_trials=3"], module="search")  # nothing missing: nothing runs
     assert done.returncode == 0 and len(optuna.load_study(study_name="tiny", storage=storage).trials) == 3

@@ -202,9 +202,12 @@ def _composer() -> Iterator[Callable[[Sequence[str]], DictConfig]]:
 
 
 def trial_overrides(overrides: Sequence[str]) -> list[str]:
-    """The command line's overrides a training takes: all but the search's own (`search.*`, `search_space=`)."""
+    """The command line's overrides a training takes: all but the search's own (`search.*`, `search_space=`),
+    with `test=false` first unless the command sets `test=`: trials are chosen on validation and the test split
+    is for the chosen one (`python -m xrayfusion.evaluate run_id=<its run>`)."""
     keys = fixed_keys(overrides)
-    return [o for o, k in zip(overrides, keys, strict=True) if k.split(".")[0].split("/")[0] not in SEARCH_ONLY]
+    kept = [o for o, k in zip(overrides, keys, strict=True) if k.split(".")[0].split("/")[0] not in SEARCH_ONLY]
+    return kept if "test" in fixed_keys(kept) else ["test=false", *kept]
 
 
 def prepare_trial_config(cfg: DictConfig, out_dir: Path, tags: dict[str, str], sweep_id: str, number: int) -> None:
@@ -331,9 +334,10 @@ def state_counts(study: optuna.Study) -> dict[str, int]:
     return counts
 
 
-def report(study: optuna.Study, out_dir: Path, storage_url: str) -> float | None:
-    """Print the table of trials and the best trial; save the table as search_summary.md and .csv in `out_dir`.
-    Returns the best value (None when no trial completed)."""
+def report(study: optuna.Study, out_dir: Path, storage_url: str, fixed: Sequence[str] = ()) -> float | None:
+    """Print the table of trials and the best trial (with the command that evaluates it on the test split, when
+    the trials skipped it: `fixed`, the trials' fixed overrides); save the table as search_summary.md and .csv in
+    `out_dir`. Returns the best value (None when no trial completed)."""
     table = trials_table(study)
     paths = sweep.write_summary(table, out_dir, SUMMARY_STEM)
     counts = ", ".join(f"{n} {s.lower()}" for s, n in sorted(state_counts(study).items()))
@@ -347,8 +351,12 @@ def report(study: optuna.Study, out_dir: Path, storage_url: str) -> float | None
     else:
         best = float(trial.value)
         params = " ".join(f"{k}={v}" for k, v in trial.params.items())
-        print(f"best trial {trial.number}: value {best:.4f}, MLflow run {trial.user_attrs.get(RUN_ID_ATTR, '?')}")
+        run_id = trial.user_attrs.get(RUN_ID_ATTR, "?")
+        print(f"best trial {trial.number}: value {best:.4f}, MLflow run {run_id}")
         print(f"  params: {params}")
+        if "test=false" in fixed:
+            data = " ".join(o for o, k in zip(fixed, fixed_keys(fixed), strict=True) if k.split(".")[0] == "data")
+            print(f"  its test split, once: python -m xrayfusion.evaluate run_id={run_id} {data}".rstrip())
     print(f"saved {', '.join(str(p) for p in paths)}")
     print(f"compare the trials: python -m xrayfusion.compare tags.{STUDY_TAG}={study.study_name}")
     print(f"browse the study:   optuna-dashboard {redact(storage_url)}", flush=True)
@@ -429,9 +437,9 @@ def search(cfg: DictConfig, overrides: Sequence[str] = ()) -> float | None:
             )
             ran = [t for t in study.get_trials(deepcopy=False) if t.number in objective.numbers]
             if ran and all(t.state == TrialState.FAIL for t in ran):
-                report(study, out_dir, storage_url)
+                report(study, out_dir, storage_url, fixed)
                 raise XrayfusionError(
                     f"all {len(ran)} trial(s) of this search failed (their MLflow runs carry the reason tag "
                     "xrayfusion.failure_reason; the log above has the errors); fix the config and run it again"
                 )
-    return report(study, out_dir, storage_url)
+    return report(study, out_dir, storage_url, fixed)
