@@ -84,3 +84,26 @@ def test_compare_runs_table_plots_and_read_only(tmp_path, tracking_uri: str) -> 
     for run_id, data in before.items():
         after = client.get_run(run_id).data
         assert after.metrics == data.metrics and after.params == data.params and after.tags == data.tags
+
+
+def test_val_score_sorts_in_the_direction_its_runs_logged_and_mixed_sources_are_warned(
+    tmp_path, tracking_uri: str, caplog
+) -> None:
+    client = mlflow.MlflowClient(tracking_uri)
+    exp = client.create_experiment("xrayfusion", artifact_location=(tmp_path / "artifacts").as_uri())
+    for name, loss in (("high_loss", 0.4), ("low_loss", 0.2)):  # optimized_metric=val/loss optimized_mode=min
+        run_id = client.create_run(exp, run_name=name).info.run_id
+        client.log_metric(run_id, "selection/score", loss)
+        client.log_param(run_id, "selection/source", "best/val/loss")
+        client.log_param(run_id, "selection/mode", "min")
+        client.log_metric(run_id, "test/fused/auroc", 0.9)
+    runs = comparison.search_runs(tracking_uri, "xrayfusion")
+    assert list(comparison.comparison_frame(runs, "test", ["auroc"])["run_name"]) == ["low_loss", "high_loss"]
+    assert "do not compare" not in caplog.text
+    run_id = client.create_run(exp, run_name="auroc_run").info.run_id
+    client.log_metric(run_id, "selection/score", 0.99)
+    client.log_param(run_id, "selection/source", "fusion/val_auroc")
+    client.log_param(run_id, "selection/mode", "max")
+    frame = comparison.comparison_frame(comparison.search_runs(tracking_uri, "xrayfusion"), "test", ["auroc"])
+    assert list(frame["run_name"]) == ["auroc_run", "high_loss", "low_loss"]  # mixed directions: descending
+    assert "val_score comes from different metrics (['best/val/loss', 'fusion/val_auroc'])" in caplog.text

@@ -75,7 +75,8 @@ def test_cross_fitted_stacking_logs_folds_oof_calibration_and_thresholds(cli_in_
 def test_holdout_fits_log_what_they_fitted(
     cli_in_process, tracking_uri: str, tmp_path: Path, fusion_args: list, fitted_param: str
 ) -> None:
-    args = ["model.branches=[small_cnn,small_cnn]", *fusion_args, "metrics.threshold=sensitivity@0.9"]
+    # data.seed differs from seed: the cross-fitted validation folds follow the data seed, in training and evaluate
+    args = ["model.branches=[small_cnn,small_cnn]", *fusion_args, "metrics.threshold=sensitivity@0.9", "data.seed=7"]
     result = cli_in_process([*args, *SMALL_SYNTHETIC])
     assert result.returncode == 0, result.stderr[-3000:]
     parent, folds = parent_and_children(tracking_uri)
@@ -99,6 +100,11 @@ def test_holdout_fits_log_what_they_fitted(
     assert auroc["fused"] == pytest.approx(parent.data.metrics["fusion/val_auroc"], abs=1e-6)
     for name in ("small_cnn", "small_cnn_2"):  # branches are not fitted on validation: as logged
         assert auroc[name] == pytest.approx(parent.data.metrics[f"val/{name}/auroc"], abs=1e-6)
+    # the threshold rule re-chosen by evaluate on the same cross-fitted predictions gives the logged test metrics
+    results, _ = evaluate_model(model, data_cfg, "test", n_bootstrap=0, threshold="sensitivity@0.9")
+    fused = results[results["model"] == "fused"].set_index("metric")["value"]
+    for metric in ("acc", "recall", "specificity"):
+        assert fused[metric] == pytest.approx(parent.data.metrics[f"test/fused/{metric}"], abs=1e-6), metric
 
 
 @pytest.mark.slow

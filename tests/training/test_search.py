@@ -21,7 +21,7 @@ from xrayfusion.training import search
 from xrayfusion.training.search_space import check_keys, fixed_keys, override_value, parse_param, parse_space
 
 # a tiny search: the branch set, fusion and batch size fixed on the command line (they leave the space)
-TINY = [*SMALL_SYNTHETIC, "model.branches=[small_cnn,darknet]", "fusion=average"]
+TINY = [*SMALL_SYNTHETIC, "model.branches=[small_cnn,darknet]", "fusion=average", "fusion.weights=learned"]
 
 
 # ---- the search space --------------------------------------------------------------------------------------
@@ -231,6 +231,7 @@ def test_a_study_scored_the_old_way_is_refused_and_a_new_one_records_its_objecti
     storage = optuna.storages.RDBStorage(storage_url)
     old = optuna.create_study(storage=storage, study_name="old", direction="maximize")
     old.set_user_attr("optimized_metric", "val/fused/auroc")  # what a study of the best-epoch objective had
+    old.optimize(lambda trial: 0.5, n_trials=1)
     with pytest.raises(ConfigError, match="scored on the best epoch's val/fused/auroc .* pick another"):
         search.open_study(cfg, storage, [])
     cfg.search.study_name = "new"

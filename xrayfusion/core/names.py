@@ -15,10 +15,11 @@ RANKING_METRICS = ("auroc", "ap")  # undefined when the labels hold one class on
 # and `<prefix>/diversity/mean_<metric>` over all pairs (xrayfusion/evaluation/diversity.py)
 DIVERSITY = "diversity"
 DIVERSITY_METRICS = ("disagreement", "error_corr")
-# a training run's score on validation, what sweep tables, searches and `compare` rank runs on, and the param naming
-# the metric it was taken from (xrayfusion/training/sweep.py: selection_score)
+# a training run's score on validation, what sweep tables, searches and `compare` rank runs on, the param naming the
+# metric it was taken from and the param giving its direction (max/min: optimized_mode); training/sweep.py
 SELECTION_METRIC = "selection/score"
 SELECTION_SOURCE = "selection/source"
+SELECTION_MODE = "selection/mode"
 
 
 def predict_labels(probs: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:

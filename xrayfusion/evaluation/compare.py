@@ -14,7 +14,14 @@ from matplotlib.figure import Figure
 from mlflow.entities import Run
 
 from xrayfusion.core.errors import ConfigError, DataError
-from xrayfusion.core.names import DIVERSITY, DIVERSITY_METRICS, FUSED, SELECTION_METRIC
+from xrayfusion.core.names import (
+    DIVERSITY,
+    DIVERSITY_METRICS,
+    FUSED,
+    SELECTION_METRIC,
+    SELECTION_MODE,
+    SELECTION_SOURCE,
+)
 from xrayfusion.evaluation.metrics import probs_from_frame
 from xrayfusion.evaluation.plots import plt, roc_points
 
@@ -81,11 +88,13 @@ def comparison_frame(
     metrics: Sequence[str] = DEFAULT_METRICS,
     branches: bool = False,
     sort_by: str = SELECTION,
-    ascending: bool = False,
+    ascending: bool | None = None,
 ) -> pd.DataFrame:
     """One row per run (its fused model) and, with `branches`, per branch; runs sorted by `sort_by`: `val_score`
     (the run's validation selection score, `selection/score`: choose recipes on it) or one of `metrics` under
-    `prefix` (of the fused model).
+    `prefix` (of the fused model). `ascending=None`: best first (`val_score` in the direction the runs logged,
+    `selection/mode`; metrics descending). Runs whose scores come from different metrics (`selection/source`)
+    are warned about: their `val_score`s do not compare.
 
     Fused rows also get the run's `val_score` and the ensemble's mean branch diversity (`mean_disagreement`,
     `mean_error_corr`; NaN for one-branch runs and runs logged before they existed).
@@ -118,6 +127,13 @@ def comparison_frame(
         return frame
     if sort_by != SELECTION and sort_by not in metrics:
         raise ConfigError(f"sort_by={sort_by} is neither {SELECTION} nor one of the compared metrics {list(metrics)}")
+    scored = [r for r in runs if SELECTION_METRIC in r.data.metrics]
+    sources = sorted({r.data.params.get(SELECTION_SOURCE, "?") for r in scored})
+    if len(sources) > 1:
+        log.warning("the runs' val_score comes from different metrics (%s): those scores do not compare", sources)
+    if ascending is None:
+        modes = {r.data.params.get(SELECTION_MODE, "max") for r in scored}
+        ascending = sort_by == SELECTION and modes == {"min"}
     key = frame[frame["model"] == FUSED].set_index("_run")[sort_by]
     frame["_key"] = frame["_run"].map(key)
     frame = frame.sort_values(["_key", "_run", "_fused"], ascending=[ascending, True, True], na_position="last")

@@ -40,6 +40,13 @@ def crossfit_fused(
     return fused
 
 
+def crossfit_seed(model: FusionClassifier) -> int:
+    """The seed of the validation folds a fusion fitted on validation is cross-fitted on: the data seed the
+    model's split was made with (recorded in the checkpoint), so training and `evaluate split=val` use the same
+    folds."""
+    return int((model.hparams.get("data_split") or {}).get("seed", 0))
+
+
 def held_out_fused(
     model: FusionClassifier, val: Predictions, groups: Sequence[str], seed: int
 ) -> tuple[torch.Tensor, str]:

@@ -83,14 +83,14 @@ def evaluate_model(
     if split == "val":
         # a fusion fitted on validation is scored there on predictions no fit has seen (cross-fitted), as the
         # training scored it (fusion/val_auroc): in-sample fused scores would flatter it
-        held_out = decisions.held_out_fused(model, val, source.val.groups, int(model.hparams["data_split"]["seed"]))
+        held_out = decisions.held_out_fused(model, val, source.val.groups, decisions.crossfit_seed(model))
         probs = {**val.by_model(), FUSED: held_out[0]}
         log.info("fused validation predictions: %s", held_out[1])
     else:
         probs = predict(model, data.images, batch_size).by_model()
     if isinstance(rule, str):
         chosen, where = decisions.choose_thresholds(
-            rule, model, val, source.val.groups, int(model.hparams["data_split"]["seed"]), held_out
+            rule, model, val, source.val.groups, decisions.crossfit_seed(model), held_out
         )
         log.info(
             "thresholds (metrics.threshold=%s, chosen on the run's val split; fused on %s): %s", rule, where, chosen

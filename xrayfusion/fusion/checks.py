@@ -27,8 +27,9 @@ def validate_fusion(cfg: Mapping[str, Any], n_branches: int) -> None:
             f"fusion.cv={fusion.get('cv')} only applies to fitted fusions; use fusion=stacking or "
             "fusion=average fusion.weights=learned, or drop fusion.cv"
         )
-    if cv == AUTO:
+    if fitted:  # fusion.cv=auto decides with it; a fit on validation warns with it when validation is saturated
         _, folds = auto_settings(fusion.get("auto_cv"))
+    if cv == AUTO:
         if folds == 0 and not learned:
             raise ConfigError(
                 "fusion.auto_cv.folds=0 (equal weights when validation is saturated) needs fusion=average "

@@ -65,6 +65,15 @@ def auto_settings(value: Any) -> tuple[float, int]:
     return saturated, k
 
 
+def best_branch(branch_aurocs: Mapping[str, float]) -> tuple[str, float] | None:
+    """The branch with the highest defined (not NaN) validation AUROC and that AUROC; None when none is defined."""
+    defined = {k: v for k, v in branch_aurocs.items() if v == v}
+    if not defined:
+        return None
+    best = max(defined, key=lambda k: defined[k])
+    return best, defined[best]
+
+
 def choose_cv(branch_aurocs: Mapping[str, float], saturated_at: float, folds: int) -> tuple[int | None, str]:
     """fusion.cv=auto: where to fit the fusion, from the branches' validation AUROCs, and why.
 
@@ -72,11 +81,10 @@ def choose_cv(branch_aurocs: Mapping[str, float], saturated_at: float, folds: in
     validation holds too few mistakes to learn from: a fusion fitted there learns to copy that branch. Then the
     fusion is fitted on `folds`-fold out-of-fold predictions of the training split (0: not fitted, equal
     weights). Otherwise validation is informative and the fusion is fitted there (None: holdout)."""
-    defined = {k: v for k, v in branch_aurocs.items() if v == v}
-    if not defined:
+    found = best_branch(branch_aurocs)
+    if found is None:
         return None, "validation AUROC undefined (one class in validation): fitted on validation"
-    best = max(defined, key=lambda k: defined[k])
-    top = defined[best]
+    best, top = found
     if top < saturated_at:
         return None, f"validation informative: best branch {best} val AUROC {top:.4f} < {saturated_at}"
     where = f"{folds}-fold out-of-fold predictions" if folds else "no fit (equal weights)"

@@ -80,27 +80,32 @@ def calibrate(model: FusionClassifier, dm: XRayDataModule, logger: MLFlowLogger)
     return val
 
 
+def _branch_aurocs(model: FusionClassifier, val: Predictions) -> dict[str, float]:
+    return {k: compute_metrics(val.labels, val.probs[:, i])["auroc"] for i, k in enumerate(model.keys)}
+
+
 def _warn_if_saturated(cfg: DictConfig, model: FusionClassifier, val: Predictions) -> None:
     """One warning line when the fusion is about to be fitted on a validation split its best branch already ranks
-    (almost) perfectly (the `fusion.cv=auto` rule): too few mistakes there to learn from, so the fit tends to copy
-    that branch."""
-    saturated_at, _ = crossfit.auto_settings(cfg.fusion.get("auto_cv"))
-    aurocs = {k: compute_metrics(val.labels, val.probs[:, i])["auroc"] for i, k in enumerate(model.keys)}
-    n_splits, reason = crossfit.choose_cv(aurocs, saturated_at, 5)
-    if n_splits is not None:
+    (almost) perfectly (`fusion.auto_cv.saturated_at`, the `fusion.cv=auto` rule): too few mistakes there to
+    learn from, so the fit tends to copy that branch."""
+    saturated_at, _ = crossfit.auto_settings(cfg.fusion.get("auto_cv"))  # checked before training
+    found = crossfit.best_branch(_branch_aurocs(model, val))
+    if found is not None and found[1] >= saturated_at:
         log.warning(
-            "fitting %s on a saturated validation split (%s): it holds too few mistakes to learn from and the fit "
-            "tends to copy that branch; fusion.cv=auto fits it on out-of-fold predictions instead",
+            "fitting %s on a saturated validation split (best branch %s val AUROC %.4f >= %s): it holds too few "
+            "mistakes to learn from and the fit tends to copy that branch; fusion.cv=auto decides where to fit "
+            "it instead (docs/fusion.md)",
             cfg.fusion.name,
-            reason.split(": ")[1],
+            found[0],
+            found[1],
+            saturated_at,
         )
 
 
 def _choose_cv(cfg: DictConfig, model: FusionClassifier, val: Predictions, logger: MLFlowLogger) -> int | None:
     """fusion.cv=auto: holdout, K out-of-fold folds or no fit, from the branches' validation AUROCs (logged)."""
     saturated_at, folds = crossfit.auto_settings(cfg.fusion.get("auto_cv"))
-    aurocs = {k: compute_metrics(val.labels, val.probs[:, i])["auroc"] for i, k in enumerate(model.keys)}
-    n_splits, reason = crossfit.choose_cv(aurocs, saturated_at, folds)
+    n_splits, reason = crossfit.choose_cv(_branch_aurocs(model, val), saturated_at, folds)
     tracking.log_params(logger, {"fusion/cv_rule": "auto", "fusion/cv_reason": reason})
     log.info("fusion.cv=auto: %s", reason)
     return n_splits
@@ -164,10 +169,9 @@ def fit_fusion(
         val = None  # the fused probabilities changed
     val = val or _val(model, dm)
     # the fused validation predictions no fit of the fusion has seen: for the threshold rule and the final score
-    held_out = decisions.held_out_fused(model, val, source.val.groups, int(cfg.seed))
-    chosen, fused_on = decisions.choose_thresholds(
-        cfg.metrics.threshold, model, val, source.val.groups, int(cfg.seed), held_out
-    )
+    seed = decisions.crossfit_seed(model)
+    held_out = decisions.held_out_fused(model, val, source.val.groups, seed)
+    chosen, fused_on = decisions.choose_thresholds(cfg.metrics.threshold, model, val, source.val.groups, seed, held_out)
     tracking.log_params(logger, {"threshold/rule": str(cfg.metrics.threshold), "threshold/chosen_on": "val"})
     tracking.log_params(logger, {"threshold/fused_chosen_on": fused_on})
     if chosen:

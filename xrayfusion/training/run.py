@@ -24,7 +24,7 @@ from pytorch_lightning.utilities import rank_zero_only
 from xrayfusion import tracking
 from xrayfusion.core import runtime
 from xrayfusion.core.errors import ConfigError
-from xrayfusion.core.names import FUSED, SELECTION_METRIC, SELECTION_SOURCE
+from xrayfusion.core.names import FUSED, SELECTION_METRIC, SELECTION_MODE, SELECTION_SOURCE
 from xrayfusion.data import SourceData, XRayDataModule
 from xrayfusion.data.skipped import write_skipped_csv
 from xrayfusion.evaluation import plots
@@ -301,7 +301,7 @@ def finish(run: Run, parts: TrainerParts) -> float | None:
     score, source = sweep.selection_score(metric, best, run.fusion.val_auroc if run.fusion else None)
     if score is not None:
         run.logger.log_metrics({SELECTION_METRIC: score})
-        tracking.log_params(run.logger, {SELECTION_SOURCE: source})
+        tracking.log_params(run.logger, {SELECTION_SOURCE: source, SELECTION_MODE: str(run.cfg.optimized_mode)})
     if rank_zero_only.rank == 0:
         removed = clean_up(run)
         log.info("removed %d resume checkpoint(s) of the finished run; kept %s", len(removed), FINAL_CHECKPOINT)
@@ -316,8 +316,8 @@ def train(
     stops: tuple[type[BaseException], ...] = (),
 ) -> float | None:
     """Run one training; returns its selection score (`sweep.selection_score`: the final fused model's validation
-    AUROC on predictions its fusion's fit has not seen, or the best epoch's `optimized_metric`; None when never
-    validated).
+    AUROC on predictions its fusion's fit has not seen, or the best epoch's `optimized_metric`; None when there is
+    neither).
 
     `callbacks` join the trainer's own (a search's pruning callback). An exception of a type in `stops` raised
     while the run is open (optuna.TrialPruned) ends it KILLED, not FAILED, removes its resume checkpoints as a

@@ -45,6 +45,7 @@ STATE_TAG = "optuna_state"
 RUN_ID_ATTR = "mlflow_run_id"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)  # what counts towards search.n_trials
 SEARCH_ONLY = ("search", "search_space")  # config of the search itself, not of a trial's training
+EVAL_KEYS = ("data", "logger")  # the trials' overrides the evaluate command of the best trial needs
 SUMMARY_STEM = "search_summary"
 DIRECTIONS = {"max": "maximize", "min": "minimize"}
 
@@ -162,14 +163,18 @@ def open_study(cfg: DictConfig, storage: optuna.storages.BaseStorage, fixed: Seq
             f"study {name!r} optimises {attrs['optimized_metric']}, not optimized_metric={metric}: its values are not "
             "comparable; pick another search.study_name"
         )
-    if "optimized_metric" in attrs and attrs.get("objective") != SELECTION_METRIC:
+    # trials of an older xrayfusion were valued at the best epoch, before a fitted fusion's fit; for the fused
+    # AUROC the value is now taken after it (sweep.selection_score), so the two do not compare
+    older = "optimized_metric" in attrs and "objective" not in attrs and metric == "val/fused/auroc"
+    if older and study.get_trials(deepcopy=False):
         raise ConfigError(
             f"study {name!r} was scored on the best epoch's {metric} (an older xrayfusion), not on {SELECTION_METRIC} "
             "(after the fusion's fit): its values are not comparable; pick another search.study_name"
         )
+    if "objective" not in attrs:  # first: a second process opening the study meanwhile must not take it as older
+        study.set_user_attr("objective", SELECTION_METRIC)
     if "optimized_metric" not in attrs:
         study.set_user_attr("optimized_metric", metric)
-        study.set_user_attr("objective", SELECTION_METRIC)
         study.set_user_attr("fixed_overrides", list(fixed))
     elif sorted(attrs.get("fixed_overrides", [])) != sorted(fixed):
         log.warning(
@@ -277,8 +282,8 @@ class Objective:
             value = train(cfg, callbacks=[pruning], stops=(optuna.TrialPruned,))
             if value is None or not math.isfinite(value):
                 raise XrayfusionError(
-                    f"trial {trial.number}: {self.metric} was never a finite number on validation (got {value}); "
-                    "the trial needs at least one validation epoch"
+                    f"trial {trial.number}: its selection score ({SELECTION_METRIC}, from {self.metric}) is not a "
+                    f"finite number (got {value}); the trial needs at least one validation epoch"
                 )
             state = TrialState.COMPLETE
             return value
@@ -354,11 +359,13 @@ def report(study: optuna.Study, out_dir: Path, storage_url: str, fixed: Sequence
         run_id = trial.user_attrs.get(RUN_ID_ATTR, "?")
         print(f"best trial {trial.number}: value {best:.4f}, MLflow run {run_id}")
         print(f"  params: {params}")
-        if "test=false" in fixed:
-            data = " ".join(o for o, k in zip(fixed, fixed_keys(fixed), strict=True) if k.split(".")[0] == "data")
-            print(f"  its test split, once: python -m xrayfusion.evaluate run_id={run_id} {data}".rstrip())
+        if "test=false" in fixed:  # the data and the MLflow store the trials used
+            keys = [k.split(".")[0].split("/")[0] for k in fixed_keys(fixed)]
+            keep = [o for o, k in zip(fixed, keys, strict=True) if k in EVAL_KEYS]
+            print(f"  its test split, once: python -m xrayfusion.evaluate run_id={run_id} {' '.join(keep)}".rstrip())
     print(f"saved {', '.join(str(p) for p in paths)}")
-    print(f"compare the trials: python -m xrayfusion.compare tags.{STUDY_TAG}={study.study_name}")
+    plots = " roc_png=null bar_png=null" if "test=false" in fixed else ""  # no test predictions to plot
+    print(f"compare the trials: python -m xrayfusion.compare tags.{STUDY_TAG}={study.study_name}{plots}")
     print(f"browse the study:   optuna-dashboard {redact(storage_url)}", flush=True)
     return best
 

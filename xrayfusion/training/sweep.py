@@ -25,9 +25,10 @@ ENV_SWEEP_ID = "XRAYFUSION_SWEEP_ID"
 ENV_SWEEP_JOB = "XRAYFUSION_SWEEP_JOB"
 SWEEP_TAG = "sweep_id"
 BEST_PREFIX = "best/"
-# fusion/val_auroc: the final (fitted) fusion on validation predictions its fit has not seen
+# fusion/val_auroc: the final (fitted) fusion on validation predictions its fit has not seen (the selection score
+# by default, shown in the summary as selection/score)
 FUSED_VAL_AUROC = "fusion/val_auroc"
-SUMMARY_METRICS = (FUSED_VAL_AUROC, "test/fused/acc", "test/fused/f1", "test/fused/auroc", "time/fit_seconds")
+SUMMARY_METRICS = ("test/fused/acc", "test/fused/f1", "test/fused/auroc", "time/fit_seconds")
 # params that differ between jobs without being a choice of the sweep
 _NOISE_PARAMS = ("paths/", "logger/", "hydra/")
 
@@ -107,8 +108,8 @@ def summary_table(
     """One row per run: name, status, the params the sweep varied, its selection score, the best-epoch value of
     `optimized_metric`, `metrics`.
 
-    Sorted best first by `selection/score` (`selection_score`; runs without it last), or by the best-epoch value
-    of `optimized_metric` for runs logged before the score existed.
+    Sorted best first by `selection/score` (`selection_score`; runs without it last); when no run has it (all
+    logged before it existed), by the best-epoch value of `optimized_metric`.
     """
     if runs.empty:
         return runs.reindex(columns=["run", "run_id", "status"])
