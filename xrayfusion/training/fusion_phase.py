@@ -112,9 +112,9 @@ def _choose_cv(cfg: DictConfig, model: FusionClassifier, val: Predictions, logge
 
 
 class FusionOutcome(NamedTuple):
-    """What the fusion phase decided: where the fused threshold was chosen (`val`, `val_crossfit5`) and the final
-    fused model's validation AUROC on predictions its fit has not seen (`fusion/val_auroc`) and what those are
-    (`val`, `val_crossfit5`: `decisions.held_out_fused`)."""
+    """What the fusion phase decided: where the fused threshold was chosen (`val`, `val_crossfit5`; `argmax` for
+    more than two classes), the final fused model's validation AUROC on predictions its fit has not seen
+    (`fusion/val_auroc`) and what those are (`val`, `val_crossfit5`: `decisions.held_out_fused`)."""
 
     threshold_on: str
     val_auroc: float
