@@ -90,6 +90,11 @@ def compute_metrics(labels: torch.Tensor, probs: torch.Tensor, threshold: float 
     return {name: values[name] for name in METRIC_NAMES}
 
 
+def branch_aurocs(labels: torch.Tensor, probs: torch.Tensor, keys: Sequence[str]) -> dict[str, float]:
+    """Each branch's AUROC (`compute_metrics`'s) for (N, K, C) branch probabilities, by branch key."""
+    return {k: compute_metrics(labels, probs[:, i])["auroc"] for i, k in enumerate(keys)}
+
+
 def resampled_binary_metrics(
     labels: torch.Tensor, probs: torch.Tensor, threshold: float, counts: np.ndarray
 ) -> dict[str, np.ndarray]:

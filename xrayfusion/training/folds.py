@@ -21,7 +21,7 @@ from pytorch_lightning.loggers import MLFlowLogger
 from xrayfusion import tracking
 from xrayfusion.data import SourceData, XRayDataModule
 from xrayfusion.evaluation.inference import predict
-from xrayfusion.evaluation.metrics import compute_metrics
+from xrayfusion.evaluation.metrics import branch_aurocs
 from xrayfusion.fusion import calibration
 from xrayfusion.fusion.crossfit import FitPredict
 from xrayfusion.training.factory import build_model, build_trainer, restore_best
@@ -81,7 +81,7 @@ def fold_fit_predict(
                 tracking.log_params(logger, calibration.temperature_params(model.keys, temps))
             held_features = dm.feature_store and dm.feature_store.eval_features("train", n_views, held_idx)
             out = predict(model, held, dm.batch_size, held_features)
-            aurocs = {k: compute_metrics(out.labels, out.probs[:, i])["auroc"] for i, k in enumerate(model.keys)}
+            aurocs = branch_aurocs(out.labels, out.probs, model.keys)
             logger.log_metrics({f"oof/{k}/auroc": v for k, v in aurocs.items()})
         except BaseException:
             tracking.set_status(logger, "FAILED")

@@ -26,7 +26,7 @@ from xrayfusion.evaluation import decisions
 from xrayfusion.evaluation.diversity import diversity_metrics
 from xrayfusion.evaluation.inference import Predictions, predict
 from xrayfusion.evaluation.loading import trained_thresholds
-from xrayfusion.evaluation.metrics import compute_metrics
+from xrayfusion.evaluation.metrics import branch_aurocs, compute_metrics
 from xrayfusion.fusion import calibration, crossfit
 from xrayfusion.models import FusionClassifier
 from xrayfusion.training.folds import fold_fit_predict
@@ -80,16 +80,12 @@ def calibrate(model: FusionClassifier, dm: XRayDataModule, logger: MLFlowLogger)
     return val
 
 
-def _branch_aurocs(model: FusionClassifier, val: Predictions) -> dict[str, float]:
-    return {k: compute_metrics(val.labels, val.probs[:, i])["auroc"] for i, k in enumerate(model.keys)}
-
-
 def _warn_if_saturated(cfg: DictConfig, model: FusionClassifier, val: Predictions) -> None:
     """One warning line when the fusion is about to be fitted on a validation split its best branch already ranks
     (almost) perfectly (`fusion.auto_cv.saturated_at`, the `fusion.cv=auto` rule): too few mistakes there to
     learn from, so the fit tends to copy that branch."""
     saturated_at, _ = crossfit.auto_settings(cfg.fusion.get("auto_cv"))  # checked before training
-    found = crossfit.best_branch(_branch_aurocs(model, val))
+    found = crossfit.best_branch(branch_aurocs(val.labels, val.probs, model.keys))
     if found is not None and found[1] >= saturated_at:
         log.warning(
             "fitting %s on a saturated validation split (best branch %s val AUROC %.4f >= %s): it holds too few "
@@ -105,7 +101,7 @@ def _warn_if_saturated(cfg: DictConfig, model: FusionClassifier, val: Prediction
 def _choose_cv(cfg: DictConfig, model: FusionClassifier, val: Predictions, logger: MLFlowLogger) -> int | None:
     """fusion.cv=auto: holdout, K out-of-fold folds or no fit, from the branches' validation AUROCs (logged)."""
     saturated_at, folds = crossfit.auto_settings(cfg.fusion.get("auto_cv"))
-    n_splits, reason = crossfit.choose_cv(_branch_aurocs(model, val), saturated_at, folds)
+    n_splits, reason = crossfit.choose_cv(branch_aurocs(val.labels, val.probs, model.keys), saturated_at, folds)
     tracking.log_params(logger, {"fusion/cv_rule": "auto", "fusion/cv_reason": reason})
     log.info("fusion.cv=auto: %s", reason)
     return n_splits
