@@ -58,8 +58,10 @@ def test_cross_fitted_stacking_logs_folds_oof_calibration_and_thresholds(cli_in_
     assert {"resnet18/pneumonia", "small_cnn/normal"} <= set(rows[0])
     ckpt = mlflow.MlflowClient(tracking_uri).download_artifacts(parent.info.run_id, "checkpoints/best.ckpt")
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
-    # the logged threshold is the float32 the decision rule compares with, exactly (not a rounded copy)
-    assert np.float32(state["hyper_parameters"]["threshold"]) == np.float32(params["threshold/fused"])
+    # each logged threshold is the float32 the decision rule compares with, exactly (not a rounded copy)
+    hp = state["hyper_parameters"]
+    for name, value in {**hp["branch_thresholds"], "fused": hp["threshold"]}.items():
+        assert params[f"threshold/{name}"] == str(np.float32(value)), name
     assert json.loads(state["state_dict"]["fusion._extra_state"]["meta"])["kind"] == "logreg"
 
 
