@@ -5,10 +5,12 @@ from __future__ import annotations
 import torch
 
 from tests.evaluation.test_evaluation import tiny_model
+from xrayfusion.data.splits import grouped_folds
 from xrayfusion.evaluation import decisions
-from xrayfusion.evaluation.inference import Predictions
-from xrayfusion.fusion import thresholds
+from xrayfusion.evaluation.inference import Predictions, predict
+from xrayfusion.fusion import calibration, thresholds
 from xrayfusion.fusion.strategies import StackingFusion
+from xrayfusion.models import FusionClassifier
 
 
 def _val(n: int = 120) -> tuple[Predictions, list[str]]:
@@ -82,3 +84,65 @@ def test_the_final_fusion_is_scored_on_validation_predictions_its_fit_has_not_se
     for fitted_on in ("oof_cv5", "none"):  # fitted elsewhere (or not at all): validation is out of sample
         model.hparams.fusion_fitted_on = fitted_on
         assert decisions.held_out_fused(model, val, groups, seed=3) == (val.fused, "val")
+
+
+def _calibrated_val(model, n: int = 120) -> tuple[Predictions, list[str]]:
+    """Validation predictions of two test-time views whose branch probabilities come from the model's
+    temperatures, as the model's forward computes them."""
+    gen = torch.Generator().manual_seed(1)
+    labels = torch.arange(n) % 2
+    signal = labels.float()[:, None, None] * torch.tensor([3.0, 1.0]) + torch.randn(n, 2, 2, generator=gen)
+    views = torch.stack([-signal, signal], dim=3)  # (N, V=2, K=2, C=2)
+    probs = calibration.scaled_probs(views, model.temperature)
+    with torch.no_grad():
+        fused = model.fusion(probs, [])[0]
+    groups = [f"p{i // 2}" for i in range(n)]
+    return Predictions(views[:, 0], probs, fused, labels, tuple(model.keys), views), groups
+
+
+def test_temperatures_fitted_on_validation_are_cross_fitted_with_the_fusion(monkeypatch) -> None:
+    model = tiny_model("average")  # equal weights: only the temperatures were fitted on validation
+    model.temperature.copy_(torch.tensor([2.0, 0.5]))
+    val, groups = _calibrated_val(model)
+    fitted_rows: list[set[int]] = []
+    original = calibration.fit_temperatures
+
+    def recording_fit(logits, labels):
+        rows = {int(i) for i in torch.nonzero((val.logits[:, None] == logits[None]).all(-1).all(-1))[:, 0]}
+        fitted_rows.append(rows)
+        return original(logits, labels)
+
+    monkeypatch.setattr(calibration, "fit_temperatures", recording_fit)
+    fused, on = decisions.held_out_fused(model, val, groups, seed=0)
+    assert on == "val_crossfit5" and len(fitted_rows) == 5
+    for fold, (fit_idx, held_idx) in zip(fitted_rows, grouped_folds(val.labels.tolist(), groups, 5, 0), strict=True):
+        assert fold == set(fit_idx)  # each fold's temperatures are fitted without its held-out patients
+        temps = original(val.logits[fit_idx], val.labels[fit_idx])
+        expected = calibration.scaled_probs(val.view_logits[held_idx], temps).mean(1)  # both views, refitted T
+        assert torch.allclose(fused[held_idx], expected, atol=1e-6)
+    assert not torch.allclose(fused, val.fused)  # not the predictions of the temperatures fitted on all of them
+    monkeypatch.setattr(calibration, "fit_temperatures", original)
+    chosen, where = decisions.choose_thresholds("youden", model, val, groups, seed=0)
+    assert where == "val_crossfit5" and chosen["fused"] == thresholds.choose_threshold(
+        "youden", fused[:, 1], val.labels
+    )
+
+
+def test_temperatures_do_not_matter_to_a_fusion_of_features() -> None:
+    model = tiny_model("concat")  # its fused head reads the branch features, not the temperature-scaled probabilities
+    model.temperature.copy_(torch.tensor([2.0, 0.5]))
+    val, groups = _calibrated_val(tiny_model("average"))
+    assert decisions.held_out_fused(model, val, groups, seed=0) == (val.fused, "val")
+
+
+def test_the_model_computes_branch_probabilities_as_recalibration_does() -> None:
+    torch.manual_seed(0)
+    model = FusionClassifier(
+        branches=["small_cnn", "darknet"], num_classes=2, fusion={"name": "average"}, image_size=32, tta="flips"
+    ).eval()
+    model.temperature.copy_(torch.tensor([1.7, 0.6]))
+    images = torch.randint(0, 256, (6, 1, 32, 32), dtype=torch.uint8)
+    out = predict(model, images)
+    assert out.view_logits is not None and out.view_logits.shape == (6, 2, 2, 2)
+    assert torch.equal(out.view_logits[:, 0], out.logits)
+    assert torch.allclose(calibration.scaled_probs(out.view_logits, model.temperature), out.probs, atol=1e-6)

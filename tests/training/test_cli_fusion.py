@@ -45,7 +45,8 @@ def test_cross_fitted_stacking_logs_folds_oof_calibration_and_thresholds(cli_in_
     metrics, params = parent.data.metrics, parent.data.params
     assert "time/crossfit_seconds" in metrics
     assert_logged_test_metrics_recompute(tracking_uri, parent.info.run_id)  # with the logged youden thresholds
-    assert params["threshold/rule"] == "youden" and params["threshold/fused_chosen_on"] == "val"  # fitted on oof
+    # the meta-learner was fitted out of fold, but the branch temperatures it reads were fitted on validation
+    assert params["threshold/rule"] == "youden" and params["threshold/fused_chosen_on"] == "val_crossfit5"
     assert len({params[f"threshold/{name}"] for name in ("resnet18", "small_cnn", "fused")}) > 1  # chosen per model
     for name in ("resnet18", "small_cnn"):
         assert float(params[f"calibration/temperature_{name}"]) > 0
@@ -71,7 +72,11 @@ def test_cross_fitted_stacking_logs_folds_oof_calibration_and_thresholds(cli_in_
     [
         (["fusion=stacking", "fusion.meta=hgb"], "stacking/hgb_trees"),
         (["fusion=stacking", "fusion.meta=mlp"], "stacking/mlp_layers"),
-        (["fusion=average", "fusion.weights=learned"], "average/weight_small_cnn"),
+        # temperatures fitted on validation too, of two test-time views: both are cross-fitted for the score
+        (
+            ["fusion=average", "fusion.weights=learned", "fusion.calibrate=true", "model.tta=flips"],
+            "average/weight_small_cnn",
+        ),
     ],
 )
 def test_holdout_fits_log_what_they_fitted(

@@ -1,9 +1,10 @@
 """Decision thresholds of a trained ensemble, chosen on validation predictions only (binary tasks).
 
 Branch thresholds come from the branches' validation probabilities (the branches never trained on them).
-The fused threshold does too, unless the fusion itself was fitted on the validation split: then it is
-chosen on cross-fitted fused probabilities (each validation patient predicted by a copy of the fusion
-fitted without it), so no choice is made on predictions the fusion was fitted to.
+The fused threshold does too, unless something the fused probabilities depend on was fitted on the validation
+split (the fusion itself, or the branch temperatures of `fusion.calibrate=true`): then it is chosen on
+cross-fitted fused probabilities (each validation patient predicted by temperatures and a fusion fitted
+without it), so no choice is made on predictions those fits have seen.
 """
 
 from __future__ import annotations
@@ -19,24 +20,45 @@ from xrayfusion.core.errors import ConfigError
 from xrayfusion.core.names import FUSED
 from xrayfusion.data.splits import grouped_folds
 from xrayfusion.evaluation.inference import Predictions
-from xrayfusion.fusion import thresholds
+from xrayfusion.fusion import calibration, thresholds
 from xrayfusion.models import FusionClassifier
 
 INNER_FOLDS = 5
 log = logging.getLogger(__name__)
 
 
+def fitted_on_val(model: FusionClassifier) -> bool:
+    """Whether the fusion was fitted on the validation split (`fusion.cv=holdout`)."""
+    return bool(model.fusion.needs_fit and model.hparams.get("fusion_fitted_on") == "holdout")
+
+
+def calibrated_on_val(model: FusionClassifier) -> bool:
+    """Whether the fused probabilities depend on branch temperatures, which `fusion.calibrate=true` fits on the
+    validation split (a model without calibration has every temperature 1)."""
+    return bool(model.fusion.uses_probs and (model.temperature != 1).any())
+
+
 def crossfit_fused(
     model: FusionClassifier, val: Predictions, groups: Sequence[str], seed: int, n_splits: int = INNER_FOLDS
 ) -> torch.Tensor:
-    """Out-of-sample fused probabilities (N, C) of validation images for a fusion fitted on them."""
+    """Out-of-sample fused probabilities (N, C) of validation images for a model whose fusion (`fitted_on_val`)
+    and/or branch temperatures (`calibrated_on_val`) were fitted on them: each fold's images are predicted with
+    both refitted on the other folds, the temperatures on the plain view's logits as `fusion.calibrate` fits them,
+    applied to every test-time view's logits."""
     k = min(n_splits, len(set(groups)))
+    refit_fusion, refit_temps = fitted_on_val(model), calibrated_on_val(model)
+    views = val.view_logits if val.view_logits is not None else val.logits[:, None]
     fused = torch.empty_like(val.fused)
     for fit_idx, held_idx in grouped_folds(val.labels.tolist(), list(groups), k, seed):
+        probs = val.probs
+        if refit_temps:
+            temps = calibration.fit_temperatures(val.logits[fit_idx], val.labels[fit_idx])
+            probs = calibration.scaled_probs(views, temps)
         fusion = copy.deepcopy(model.fusion)
-        fusion.fit(val.probs[fit_idx], val.labels[fit_idx], names=model.keys)
+        if refit_fusion:
+            fusion.fit(probs[fit_idx], val.labels[fit_idx], names=model.keys)
         with torch.no_grad():
-            fused[torch.as_tensor(held_idx)] = fusion(val.probs[held_idx], [])[0].float()
+            fused[torch.as_tensor(held_idx)] = fusion(probs[held_idx], [])[0].float()
     return fused
 
 
@@ -50,17 +72,19 @@ def crossfit_seed(model: FusionClassifier) -> int:
 def held_out_fused(
     model: FusionClassifier, val: Predictions, groups: Sequence[str], seed: int
 ) -> tuple[torch.Tensor, str]:
-    """Fused validation probabilities that no fit of the fusion has seen, and what they are: `val` (the fusion
-    was not fitted on validation: not fitted, fitted out of fold, or not a fitted fusion), `val_crossfit<K>` (it
-    was: each validation patient predicted by a copy fitted on the others), `val_in_sample` (too few validation
-    patients, or of one class, to cross-fit: the in-sample predictions, with a warning)."""
-    if not (model.fusion.needs_fit and model.hparams.get("fusion_fitted_on") == "holdout"):
+    """Fused validation probabilities that no fit has seen, and what they are: `val` (neither the fusion nor the
+    branch temperatures were fitted on validation), `val_crossfit<K>` (one or both were: each validation patient
+    predicted by copies fitted on the others, `crossfit_fused`), `val_in_sample` (too few validation patients,
+    or of one class, to cross-fit: the in-sample predictions, with a warning)."""
+    if not (fitted_on_val(model) or calibrated_on_val(model)):
         return val.fused, "val"
     k = min(INNER_FOLDS, len(set(groups)))
     try:
         return crossfit_fused(model, val, groups, seed, k), f"val_crossfit{k}"
     except ConfigError as err:
-        log.warning("fused validation predictions are in-sample: cannot cross-fit the fusion (%s)", err)
+        log.warning(
+            "fused validation predictions are in-sample: cannot cross-fit what was fitted on validation (%s)", err
+        )
         return val.fused, "val_in_sample"
 
 

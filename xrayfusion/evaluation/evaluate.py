@@ -59,8 +59,9 @@ def evaluate_model(
 
     `threshold`: None = the thresholds chosen at training time; a number for every model; or a rule
     (youden, sensitivity@0.95) chosen on the run's own validation split, which `data_cfg` must then give.
-    With split=val, a fusion fitted on validation is scored on cross-fitted fused predictions
-    (`decisions.held_out_fused`), so its fused AUROC is the run's `fusion/val_auroc`.
+    With split=val, a fusion (or the branch temperatures it reads) fitted on validation is scored on
+    cross-fitted fused predictions (`decisions.held_out_fused`), so its fused AUROC is the run's
+    `fusion/val_auroc`.
     Returns (results rows of evaluate_predictions, predictions_frame).
     """
     if split not in ("train", "val", "test"):
@@ -81,7 +82,7 @@ def evaluate_model(
     val = predict(model, source.val, batch_size) if split == "val" or isinstance(rule, str) else None
     held_out = None
     if split == "val":
-        # a fusion fitted on validation is scored there on predictions no fit has seen (cross-fitted), as the
+        # a fusion or temperatures fitted on validation are scored there on predictions no fit has seen, as the
         # training scored it (fusion/val_auroc): in-sample fused scores would flatter it
         held_out = decisions.held_out_fused(model, val, source.val.groups, decisions.crossfit_seed(model))
         probs = {**val.by_model(), FUSED: held_out[0]}

@@ -23,13 +23,16 @@ from xrayfusion.models.feature_cache import split_views
 @dataclass(frozen=True)
 class Predictions:
     """Outputs for N images: raw branch logits and branch probabilities (N, K, C; temperature applied),
-    fused probabilities (N, C), labels (N,) when known, and the branch keys in K order."""
+    fused probabilities (N, C), labels (N,) when known, the branch keys in K order, and the raw branch logits of
+    every test-time view (N, V, K, C; view 0 is the image itself, whose logits are `logits`; None: `logits` is
+    the only view)."""
 
     logits: torch.Tensor
     probs: torch.Tensor
     fused: torch.Tensor
     labels: torch.Tensor | None
     keys: tuple[str, ...]
+    view_logits: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.fused.shape[0])
@@ -72,7 +75,7 @@ def predict(
                 f"cached features of {key} have {tuple(table.shape[:2])} (views, images); the model has "
                 f"{len(model.views)} test-time views and the data {len(data)} images"
             )
-    parts: dict[str, list[torch.Tensor]] = {"logits": [], "probs": [], "fused": [], "labels": []}
+    parts: dict[str, list[torch.Tensor]] = {"logits": [], "views": [], "probs": [], "fused": [], "labels": []}
     start = 0
     with eval_mode(model):
         for x, y in _batches(data, batch_size):
@@ -84,6 +87,8 @@ def predict(
             start += len(x)
             out = model(x.to(model.device), cached, others)
             parts["logits"].append(out["logits"].float().cpu())
+            if out.get("view_logits") is not None:  # test-time augmentation: what recalibrating needs
+                parts["views"].append(out["view_logits"].float().cpu())
             parts["probs"].append(out["probs"].float().cpu())
             parts["fused"].append(out["fused_probs"].float().cpu())
             if y is not None:
@@ -93,4 +98,5 @@ def predict(
     probs = torch.cat(parts["probs"]) if parts["probs"] else torch.empty(0, k, c)
     fused = torch.cat(parts["fused"]) if parts["fused"] else torch.empty(0, c)
     labels = torch.cat(parts["labels"]) if parts["labels"] else None
-    return Predictions(logits, probs, fused, labels, tuple(model.keys))
+    views = torch.cat(parts["views"]) if parts["views"] else None
+    return Predictions(logits, probs, fused, labels, tuple(model.keys), views)

@@ -41,6 +41,8 @@ class Fusion(nn.Module):
 
     name = "base"
     needs_fit = False
+    # whether the fused output is computed from the branch probabilities (so branch temperatures change it)
+    uses_probs = True
     min_branches = 1
 
     def __init__(self, n_branches: int, num_classes: int):
@@ -173,6 +175,7 @@ class ConcatFusion(Fusion):
     """Branch features concatenated, dropout, and a linear head trained end to end with the branches."""
 
     name = "concat"
+    uses_probs = False  # a head over the branch features
 
     def __init__(self, n_branches: int, num_classes: int, feature_dims: Sequence[int], dropout: float = 0.2):
         super().__init__(n_branches, num_classes)

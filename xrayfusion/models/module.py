@@ -274,13 +274,14 @@ class FusionClassifier(pl.LightningModule):
         view_features: Sequence[Mapping[str, torch.Tensor]] | None = None,
     ) -> dict[str, torch.Tensor | None]:
         """Test-time augmentation (eval mode only): the mean of the probabilities of the image's views
-        (models/tta.py); logits are those of the image itself (what calibration fits)."""
+        (models/tta.py); logits are those of the image itself (what calibration fits), `view_logits` (B, V, K, C)
+        every view's."""
         plain = self._forward(x, features)
         outs = [plain]
         for i, view in enumerate(self.views[1:]):
             outs.append(self._forward(view.apply(x), view_features[i] if view_features else None, view))
         mean = {k: torch.stack([o[k] for o in outs]).mean(dim=0) for k in ("probs", "fused_probs")}
-        return {**plain, **mean}
+        return {**plain, **mean, "view_logits": torch.stack([o["logits"] for o in outs], dim=1)}
 
     def _model_autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
         kind = self.hparams.get("autocast")
