@@ -33,6 +33,9 @@ def main(cfg: DictConfig) -> None:
     metrics = list(cfg.metrics)
     frame = comparison.comparison_frame(runs, cfg.prefix, metrics, bool(cfg.branches), cfg.sort_by, cfg.ascending)
     print(comparison.markdown_table(frame, metrics))
+    ties = comparison.validation_ties(frame)
+    if ties:
+        print(ties)
     if cfg.csv:
         frame.to_csv(cfg.csv, index=False)
         log.info("wrote %s", cfg.csv)

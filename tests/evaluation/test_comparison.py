@@ -107,3 +107,28 @@ def test_val_score_sorts_in_the_direction_its_runs_logged_and_mixed_sources_are_
     frame = comparison.comparison_frame(comparison.search_runs(tracking_uri, "xrayfusion"), "test", ["auroc"])
     assert list(frame["run_name"]) == ["auroc_run", "high_loss", "low_loss"]  # mixed directions: descending
     assert "val_score comes from different metrics (['best/val/loss', 'fusion/val_auroc'])" in caplog.text
+
+
+def test_runs_validation_cannot_tell_apart_are_named(tmp_path, tracking_uri: str) -> None:
+    client = mlflow.MlflowClient(tracking_uri)
+    exp = client.create_experiment("xrayfusion", artifact_location=(tmp_path / "artifacts").as_uri())
+    scores = {"leader": (0.9994, 0.9983, 0.9999), "close": (0.9986, 0.9970, 0.9996), "far": (0.9900, 0.985, 0.994)}
+    for name, (score, lo, hi) in scores.items():
+        run_id = client.create_run(exp, run_name=name).info.run_id
+        client.log_metric(run_id, "selection/score", score)
+        client.log_metric(run_id, "selection/score_ci_low", lo)
+        client.log_metric(run_id, "selection/score_ci_high", hi)
+        client.log_param(run_id, "selection/source", "fusion/val_auroc")
+        client.log_metric(run_id, "test/fused/auroc", 0.9)
+    old = client.create_run(exp, run_name="no_interval").info.run_id  # logged before intervals: left out
+    client.log_metric(old, "selection/score", 0.9990)
+    client.log_param(old, "selection/source", "fusion/val_auroc")
+    frame = comparison.comparison_frame(comparison.search_runs(tracking_uri, "xrayfusion"), "test", ["auroc"])
+    assert list(frame["run_name"]) == ["leader", "no_interval", "close", "far"]
+    table = comparison.markdown_table(frame, ["auroc"])
+    assert "| 0.9994 [0.9983, 0.9999] |" in table and "| 0.9990                  |" in table
+    line = comparison.validation_ties(frame)
+    assert line is not None and line.startswith("validation cannot tell leader (")
+    assert "close (" in line and "0.9986" in line and "far" not in line and "no_interval" not in line
+    assert "[0.9983, 0.9999]" in line
+    assert comparison.validation_ties(frame[frame["run_name"] != "close"]) is None  # far lies outside

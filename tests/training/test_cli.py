@@ -32,6 +32,10 @@ def test_train_each_fusion_logs_a_complete_run(train_task, tracking_uri: str, fu
     # the task returns what sweeps optimise: the final fused model's validation AUROC (after the fusion's fit)
     assert best == pytest.approx(metrics["selection/score"]) and best == pytest.approx(metrics["fusion/val_auroc"])
     assert run.data.params["selection/source"] == "fusion/val_auroc" and "best/val/fused/auroc" in metrics
+    # with its 95% bootstrap interval over the validation images
+    interval = (metrics["selection/score_ci_low"], metrics["selection/score_ci_high"])
+    assert interval == (metrics["fusion/val_auroc_ci_low"], metrics["fusion/val_auroc_ci_high"])
+    assert 0 <= interval[0] <= interval[1] <= 1 and interval[0] <= best + 1e-9
     assert "train/loss" in metrics and "val/loss" in metrics
     assert run.data.params["fusion/name"] == fusion and run.data.params["model/branches"] == "['resnet18', 'small_cnn']"
     artifacts = artifact_paths(client, run.info.run_id)

@@ -18,7 +18,14 @@ def test_a_tiny_run_prints_no_noise_and_ends_with_its_summary(run_cli) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     lines = (result.stdout + result.stderr).splitlines()
     assert [line for line in lines if NOISE.search(line)] == []
-    summary = result.stdout.strip().splitlines()[-10:]
+    summary = result.stdout.strip().splitlines()[-11:]
+    # what runs are ranked on, with the 95% interval that says how finely validation can rank them
+    score = r"\d\.\d{4}"
+    assert re.fullmatch(
+        rf"validation score \(what sweeps, searches and compare rank runs on\): {score} \[{score}, {score}\] "
+        r"\(fusion/val_auroc, on val_crossfit5\)",
+        summary.pop(0),
+    )
     assert summary[0].startswith("test split, 32 images; thresholds: metrics.threshold=youden, chosen on validation")
     assert "fused on val_crossfit5" in summary[0]
     assert summary[1] == "| model | threshold | acc | sensitivity | specificity | auroc |"

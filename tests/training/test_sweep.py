@@ -96,6 +96,13 @@ def test_summary_table_ranks_on_the_selection_score_not_the_pre_fit_epoch() -> N
     table = sweep.summary_table(runs, "val/fused/auroc", "max")
     assert list(table["run"]) == ["a", "b", "c"]  # b has the better best epoch (0.9 > 0.7), a the better score
     assert list(table.columns)[4:7] == ["fusion/name", "selection/score", "best/val/fused/auroc"]
+    # the score's interval, when the runs logged one, sits beside it
+    interval = {
+        "metrics.selection/score_ci_low": [0.9, 0.7, np.nan],
+        "metrics.selection/score_ci_high": [1.0, 0.9, np.nan],
+    }
+    table = sweep.summary_table(runs.assign(**interval), "val/fused/auroc", "max")
+    assert list(table.columns)[5:8] == ["selection/score", "selection/score_ci_low", "selection/score_ci_high"]
 
 
 @pytest.mark.parametrize(

@@ -20,6 +20,8 @@ DIVERSITY_METRICS = ("disagreement", "error_corr")
 SELECTION_METRIC = "selection/score"
 SELECTION_SOURCE = "selection/source"
 SELECTION_MODE = "selection/mode"
+# the score's 95% bootstrap interval over the validation images (runs scored on fusion/val_auroc)
+SELECTION_CI = ("selection/score_ci_low", "selection/score_ci_high")
 
 
 def predict_labels(probs: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:

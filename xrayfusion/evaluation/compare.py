@@ -18,6 +18,7 @@ from xrayfusion.core.names import (
     DIVERSITY,
     DIVERSITY_METRICS,
     FUSED,
+    SELECTION_CI,
     SELECTION_METRIC,
     SELECTION_MODE,
     SELECTION_SOURCE,
@@ -96,7 +97,8 @@ def comparison_frame(
     `selection/mode`; metrics descending). Runs whose scores come from different metrics (`selection/source`)
     are warned about: their `val_score`s do not compare.
 
-    Fused rows also get the run's `val_score` and the ensemble's mean branch diversity (`mean_disagreement`,
+    Fused rows also get the run's `val_score` with its 95% interval (`val_score_ci_low`, `_high`: bootstrap
+    over the validation images) and the ensemble's mean branch diversity (`mean_disagreement`,
     `mean_error_corr`; NaN for one-branch runs and runs logged before they existed).
     """
     rows = []
@@ -112,6 +114,10 @@ def comparison_frame(
                 "branches": run.data.tags.get("branches", ""),
                 "data": run.data.tags.get("data", ""),
                 SELECTION: run.data.metrics.get(SELECTION_METRIC, math.nan) if model == FUSED else math.nan,
+                **{
+                    f"{SELECTION}{suffix}": run.data.metrics.get(name, math.nan) if model == FUSED else math.nan
+                    for suffix, name in zip(("_ci_low", "_ci_high"), SELECTION_CI, strict=True)
+                },
                 "_run": order,
                 "_fused": model != FUSED,
             }
@@ -142,25 +148,51 @@ def comparison_frame(
 
 def markdown_table(frame: pd.DataFrame, metrics: Sequence[str] = DEFAULT_METRICS, digits: int = 3) -> str:
     """Markdown with the runs' validation scores (when any run has one), then `value [low, high]` cells
-    (intervals where the run has them), then the mean branch diversity columns when any run has them."""
+    (intervals where the run has them; the validation score's too, to 4 places), then the mean branch
+    diversity columns when any run has them."""
 
-    def cell(row: pd.Series, metric: str) -> str:
-        value, lo, hi = row[metric], row[f"{metric}_ci_low"], row[f"{metric}_ci_high"]
+    def cell(row: pd.Series, metric: str, places: int = digits) -> str:
+        value, lo, hi = row[metric], row.get(f"{metric}_ci_low", math.nan), row.get(f"{metric}_ci_high", math.nan)
         if not math.isfinite(value):
             return "n/a"
-        text = f"{value:.{digits}f}"
-        return text + (f" [{lo:.{digits}f}, {hi:.{digits}f}]" if math.isfinite(lo) and math.isfinite(hi) else "")
+        text = f"{value:.{places}f}"
+        return text + (f" [{lo:.{places}f}, {hi:.{places}f}]" if math.isfinite(lo) and math.isfinite(hi) else "")
 
     table = frame[["run_name", "model", "fusion", "branches", "data"]].copy()
     table.insert(1, "run_id", frame["run_id"].str[:8])
     if SELECTION in frame and frame[SELECTION].notna().any():
-        table[SELECTION] = [f"{v:.4f}" if math.isfinite(v) else "n/a" for v in frame[SELECTION]]
+        table[SELECTION] = [cell(row, SELECTION, 4) for _, row in frame.iterrows()]
     for metric in metrics:
         table[metric] = [cell(row, metric) for _, row in frame.iterrows()]
     for column in DIVERSITY_COLUMNS:
         if column in frame and frame[column].notna().any():
             table[column] = [f"{v:.{digits}f}" if math.isfinite(v) else "n/a" for v in frame[column]]
     return table.to_markdown(index=False)
+
+
+def validation_ties(frame: pd.DataFrame) -> str | None:
+    """A line naming the runs whose validation score lies within the 95% interval of the best-scored run's
+    (validation cannot tell them from it: choosing among them is a coin toss there), or None when none does.
+    Only runs whose score has an interval take part (those scored on `fusion/val_auroc`, where higher is
+    better); `frame` is `comparison_frame`'s."""
+    low, high = f"{SELECTION}_ci_low", f"{SELECTION}_ci_high"
+    if low not in frame:
+        return None
+    fused = frame[(frame["model"] == FUSED) & frame[SELECTION].notna() & frame[low].notna() & frame[high].notna()]
+    if len(fused) < 2:
+        return None
+    scores = fused[SELECTION]
+    leader = fused.loc[scores.idxmax()]
+    lo, hi = leader[low], leader[high]
+    within = fused[(fused["run_id"] != leader["run_id"]) & scores.between(lo, hi)]
+    if within.empty:
+        return None
+    names = ", ".join(f"{r.run_name} ({r.run_id[:8]}, {r[SELECTION]:.4f})" for _, r in within.iterrows())
+    return (
+        f"validation cannot tell {leader['run_name']} ({leader['run_id'][:8]}, val_score {leader[SELECTION]:.4f}) "
+        f"from {names}: their scores lie within its 95% bootstrap interval [{lo:.4f}, {hi:.4f}] (a larger "
+        "data.val_fraction narrows it; validation images from another source, a val/ folder, make it harder)"
+    )
 
 
 def predictions_artifact(prefix: str) -> str:

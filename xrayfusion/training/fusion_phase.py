@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,7 +27,7 @@ from xrayfusion.evaluation import decisions
 from xrayfusion.evaluation.diversity import diversity_metrics
 from xrayfusion.evaluation.inference import Predictions, predict
 from xrayfusion.evaluation.loading import trained_thresholds
-from xrayfusion.evaluation.metrics import branch_aurocs, compute_metrics
+from xrayfusion.evaluation.metrics import bootstrap_intervals, branch_aurocs, compute_metrics
 from xrayfusion.fusion import calibration, crossfit
 from xrayfusion.models import FusionClassifier
 from xrayfusion.training.folds import fold_fit_predict
@@ -110,11 +111,13 @@ def _choose_cv(cfg: DictConfig, model: FusionClassifier, val: Predictions, logge
 class FusionOutcome(NamedTuple):
     """What the fusion phase decided: where the fused threshold was chosen (`val`, `val_crossfit5`; `argmax` for
     more than two classes), the final fused model's validation AUROC on predictions its fit has not seen
-    (`fusion/val_auroc`) and what those are (`val`, `val_crossfit5`: `decisions.held_out_fused`)."""
+    (`fusion/val_auroc`), what those are (`val`, `val_crossfit5`: `decisions.held_out_fused`), and the AUROC's
+    95% bootstrap interval over the validation images (NaN, NaN with `metrics.bootstrap=0`)."""
 
     threshold_on: str
     val_auroc: float
     val_auroc_on: str
+    val_auroc_ci: tuple[float, float] = (math.nan, math.nan)
 
 
 def fit_fusion(
@@ -182,10 +185,18 @@ def fit_fusion(
     # the final fused model's validation AUROC on predictions its fit has not seen (best/val/fused/auroc is the
     # best epoch's, before the fusion was fitted): what a recipe with a fitted fusion should be compared on
     val_auroc = float(compute_metrics(val.labels, held_out[0])["auroc"])
+    # how far validation can tell recipes apart: a saturated split gives a tight interval near 1 that the
+    # runs' scores share (compare says which runs lie within the leader's)
+    n_resamples = int(cfg.metrics.get("bootstrap", 0) or 0)
+    interval = (math.nan, math.nan)
+    if n_resamples > 0:
+        interval = bootstrap_intervals(val.labels, held_out[0], 0.5, n_resamples, int(cfg.seed))["auroc"]
     logger.log_metrics({"fusion/val_auroc": val_auroc})
+    if all(math.isfinite(v) for v in interval):
+        logger.log_metrics({"fusion/val_auroc_ci_low": interval[0], "fusion/val_auroc_ci_high": interval[1]})
     tracking.log_params(logger, {"fusion/val_auroc_on": held_out[1]})
     # how differently the final branches decide on validation, at their thresholds (ensembles only)
     diversity = diversity_metrics("val", val.labels, val.probs, model.keys, trained_thresholds(model))
     if diversity:
         logger.log_metrics(diversity)
-    return FusionOutcome(fused_on, val_auroc, held_out[1])
+    return FusionOutcome(fused_on, val_auroc, held_out[1], interval)

@@ -8,6 +8,7 @@ exists (building the trainer included), or KILLED when the caller's `stops` exce
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -24,7 +25,7 @@ from pytorch_lightning.utilities import rank_zero_only
 from xrayfusion import tracking
 from xrayfusion.core import runtime
 from xrayfusion.core.errors import ConfigError
-from xrayfusion.core.names import FUSED, SELECTION_METRIC, SELECTION_MODE, SELECTION_SOURCE
+from xrayfusion.core.names import FUSED, SELECTION_CI, SELECTION_METRIC, SELECTION_MODE, SELECTION_SOURCE
 from xrayfusion.data import SourceData, XRayDataModule
 from xrayfusion.data.skipped import write_skipped_csv
 from xrayfusion.evaluation import plots
@@ -244,12 +245,14 @@ def parameter_summary(model: FusionClassifier) -> str:
     return f"{', '.join(parts)} ({millions(count(model))} parameters, {millions(count(model, True))} trainable)"
 
 
-def summary(run: Run, score: float | None = None, source: str = "") -> str:
-    """What a run prints last: its validation selection score, the test table with the thresholds and where they
-    were chosen, the full run id, where its files are, and how to look at it in the MLflow UI."""
+def summary(run: Run, score: float | None = None, source: str = "", interval: tuple[float, float] | None = None) -> str:
+    """What a run prints last: its validation selection score (with its 95% interval when it has one), the test
+    table with the thresholds and where they were chosen, the full run id, where its files are, and how to look
+    at it in the MLflow UI."""
     model, lines = run.model, []
     if score is not None:
-        lines.append(f"validation score (what sweeps, searches and compare rank runs on): {score:.4f} ({source})")
+        ci = f" [{interval[0]:.4f}, {interval[1]:.4f}]" if interval else ""
+        lines.append(f"validation score (what sweeps, searches and compare rank runs on): {score:.4f}{ci} ({source})")
     results = run.test_results
     if results is not None and not results.empty:
         values = results.set_index(["model", "metric"])["value"]
@@ -299,14 +302,18 @@ def finish(run: Run, parts: TrainerParts) -> float | None:
     metric = str(run.cfg.optimized_metric)
     run.logger.log_metrics(sweep.best_metric(metric, best))
     score, source = sweep.selection_score(metric, best, run.fusion.val_auroc if run.fusion else None)
+    post_fit = run.fusion is not None and source == sweep.FUSED_VAL_AUROC
+    interval = run.fusion.val_auroc_ci if post_fit and all(map(math.isfinite, run.fusion.val_auroc_ci)) else None
     if score is not None:
         run.logger.log_metrics({SELECTION_METRIC: score})
+        if interval:
+            run.logger.log_metrics(dict(zip(SELECTION_CI, interval, strict=True)))
         tracking.log_params(run.logger, {SELECTION_SOURCE: source, SELECTION_MODE: str(run.cfg.optimized_mode)})
     if rank_zero_only.rank == 0:
         removed = clean_up(run)
         log.info("removed %d resume checkpoint(s) of the finished run; kept %s", len(removed), FINAL_CHECKPOINT)
-        on = f", on {run.fusion.val_auroc_on}" if run.fusion and source == sweep.FUSED_VAL_AUROC else ""
-        print(summary(run, score, source + on), flush=True)
+        on = f", on {run.fusion.val_auroc_on}" if post_fit else ""
+        print(summary(run, score, source + on, interval), flush=True)
     return score
 
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from xrayfusion.core.names import SELECTION_METRIC
+from xrayfusion.core.names import SELECTION_CI, SELECTION_METRIC
 
 if TYPE_CHECKING:  # mlflow and pandas load lazily: Hydra builds this callback on every command
     import pandas as pd
@@ -105,8 +105,8 @@ def summary_table(
     mode: str = "max",
     metrics: Sequence[str] = SUMMARY_METRICS,
 ) -> pd.DataFrame:
-    """One row per run: name, status, the params the sweep varied, its selection score, the best-epoch value of
-    `optimized_metric`, `metrics`.
+    """One row per run: name, status, the params the sweep varied, its selection score (and the score's 95%
+    interval when runs logged one), the best-epoch value of `optimized_metric`, `metrics`.
 
     Sorted best first by `selection/score` (`selection_score`; runs without it last); when no run has it (all
     logged before it existed), by the best-epoch value of `optimized_metric`.
@@ -115,7 +115,8 @@ def summary_table(
         return runs.reindex(columns=["run", "run_id", "status"])
     best = f"metrics.{BEST_PREFIX}{optimized_metric}"
     score = f"metrics.{SELECTION_METRIC}"
-    metric_cols = [c for c in (score, best, *(f"metrics.{m}" for m in metrics)) if c in runs.columns]
+    interval = [f"metrics.{name}" for name in SELECTION_CI]
+    metric_cols = [c for c in (score, *interval, best, *(f"metrics.{m}" for m in metrics)) if c in runs.columns]
     job = ["tags.sweep_job"] if "tags.sweep_job" in runs.columns else []
     cols = ["run", "run_id", *job, "status", *varying_params(runs), *metric_cols]
     table = runs.assign(run_id=runs["run_id"].str[:8]).sort_values("start_time")[cols]  # a prefix evaluate takes
