@@ -112,23 +112,30 @@ def test_val_score_sorts_in_the_direction_its_runs_logged_and_mixed_sources_are_
 def test_runs_validation_cannot_tell_apart_are_named(tmp_path, tracking_uri: str) -> None:
     client = mlflow.MlflowClient(tracking_uri)
     exp = client.create_experiment("xrayfusion", artifact_location=(tmp_path / "artifacts").as_uri())
-    scores = {"leader": (0.9994, 0.9983, 0.9999), "close": (0.9986, 0.9970, 0.9996), "far": (0.9900, 0.985, 0.994)}
-    for name, (score, lo, hi) in scores.items():
-        run_id = client.create_run(exp, run_name=name).info.run_id
+
+    def log_run(name: str, score: float, interval: tuple | None = None, source: str = "fusion/val_auroc", data="k"):
+        run_id = client.create_run(exp, run_name=name, tags={"data": data}).info.run_id
         client.log_metric(run_id, "selection/score", score)
-        client.log_metric(run_id, "selection/score_ci_low", lo)
-        client.log_metric(run_id, "selection/score_ci_high", hi)
-        client.log_param(run_id, "selection/source", "fusion/val_auroc")
+        for suffix, value in zip(("low", "high"), interval or (), strict=False):
+            client.log_metric(run_id, f"selection/score_ci_{suffix}", value)
+        client.log_param(run_id, "selection/source", source)
         client.log_metric(run_id, "test/fused/auroc", 0.9)
-    old = client.create_run(exp, run_name="no_interval").info.run_id  # logged before intervals: left out
-    client.log_metric(old, "selection/score", 0.9990)
-    client.log_param(old, "selection/source", "fusion/val_auroc")
+
+    log_run("leader", 0.9994, (0.9983, 0.9999))
+    log_run("close", 0.9986, (0.9970, 0.9996))
+    log_run("far", 0.9900, (0.985, 0.994))
+    log_run("no_interval", 0.9990)  # logged before intervals: inside the leader's, so named too
+    log_run("other_data", 0.9990, (0.998, 1.0), data="other")  # another validation set: does not compare
     frame = comparison.comparison_frame(comparison.search_runs(tracking_uri, "xrayfusion"), "test", ["auroc"])
-    assert list(frame["run_name"]) == ["leader", "no_interval", "close", "far"]
+    assert list(frame["run_name"])[0] == "leader" and list(frame["run_name"])[-1] == "far"
     table = comparison.markdown_table(frame, ["auroc"])
-    assert "| 0.9994 [0.9983, 0.9999] |" in table and "| 0.9990                  |" in table
+    assert "0.9994 [0.9983, 0.9999]" in table and "0.9986 [0.9970, 0.9996]" in table
     line = comparison.validation_ties(frame)
-    assert line is not None and line.startswith("validation cannot tell leader (")
-    assert "close (" in line and "0.9986" in line and "far" not in line and "no_interval" not in line
-    assert "[0.9983, 0.9999]" in line
-    assert comparison.validation_ties(frame[frame["run_name"] != "close"]) is None  # far lies outside
+    assert line is not None and line.startswith("validation cannot tell leader (") and "[0.9983, 0.9999]" in line
+    assert "close (" in line and "0.9986" in line and "no_interval (" in line
+    assert "far" not in line and "other_data" not in line
+    assert comparison.validation_ties(frame[~frame["run_name"].isin(["close", "no_interval"])]) is None  # far: outside
+    log_run("loss_run", 0.99925, (0.999, 0.9995), source="best/val/loss")  # another metric: does not compare
+    log_run("top_without_interval", 0.9999)  # the best-scored run has no interval: nothing to say
+    frame = comparison.comparison_frame(comparison.search_runs(tracking_uri, "xrayfusion"), "test", ["auroc"])
+    assert comparison.validation_ties(frame) is None

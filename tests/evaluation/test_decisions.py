@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from tests.evaluation.test_evaluation import tiny_model
@@ -88,21 +89,29 @@ def test_the_final_fusion_is_scored_on_validation_predictions_its_fit_has_not_se
 
 def _calibrated_val(model, n: int = 120) -> tuple[Predictions, list[str]]:
     """Validation predictions of two test-time views whose branch probabilities come from the model's
-    temperatures, as the model's forward computes them."""
+    temperatures, fused as the model fuses views."""
     gen = torch.Generator().manual_seed(1)
     labels = torch.arange(n) % 2
     signal = labels.float()[:, None, None] * torch.tensor([3.0, 1.0]) + torch.randn(n, 2, 2, generator=gen)
-    views = torch.stack([-signal, signal], dim=3)  # (N, V=2, K=2, C=2)
-    probs = calibration.scaled_probs(views, model.temperature)
-    with torch.no_grad():
-        fused = model.fusion(probs, [])[0]
+    logits = torch.stack([-signal, signal], dim=3)  # (N, V=2, K=2, C=2)
+    views = calibration.view_probs(logits, model.temperature)
     groups = [f"p{i // 2}" for i in range(n)]
-    return Predictions(views[:, 0], probs, fused, labels, tuple(model.keys), views), groups
+    return Predictions(
+        logits[:, 0], views.mean(1), decisions.fuse_views(model.fusion, views), labels, model.keys, logits
+    ), groups
+
+
+def _tta_model(fusion: str) -> FusionClassifier:
+    torch.manual_seed(0)
+    return FusionClassifier(
+        branches=["small_cnn", "darknet"], num_classes=2, fusion={"name": fusion}, image_size=32, tta="flips"
+    ).eval()
 
 
 def test_temperatures_fitted_on_validation_are_cross_fitted_with_the_fusion(monkeypatch) -> None:
     model = tiny_model("average")  # equal weights: only the temperatures were fitted on validation
     model.temperature.copy_(torch.tensor([2.0, 0.5]))
+    model.hparams.calibrated_on = "val"  # what fusion.calibrate=true records
     val, groups = _calibrated_val(model)
     fitted_rows: list[set[int]] = []
     original = calibration.fit_temperatures
@@ -118,7 +127,7 @@ def test_temperatures_fitted_on_validation_are_cross_fitted_with_the_fusion(monk
     for fold, (fit_idx, held_idx) in zip(fitted_rows, grouped_folds(val.labels.tolist(), groups, 5, 0), strict=True):
         assert fold == set(fit_idx)  # each fold's temperatures are fitted without its held-out patients
         temps = original(val.logits[fit_idx], val.labels[fit_idx])
-        expected = calibration.scaled_probs(val.view_logits[held_idx], temps).mean(1)  # both views, refitted T
+        expected = calibration.view_probs(val.view_logits[held_idx], temps).mean((1, 2))  # both views, refitted T
         assert torch.allclose(fused[held_idx], expected, atol=1e-6)
     assert not torch.allclose(fused, val.fused)  # not the predictions of the temperatures fitted on all of them
     monkeypatch.setattr(calibration, "fit_temperatures", original)
@@ -126,23 +135,50 @@ def test_temperatures_fitted_on_validation_are_cross_fitted_with_the_fusion(monk
     assert where == "val_crossfit5" and chosen["fused"] == thresholds.choose_threshold(
         "youden", fused[:, 1], val.labels
     )
-
-
-def test_temperatures_do_not_matter_to_a_fusion_of_features() -> None:
-    model = tiny_model("concat")  # its fused head reads the branch features, not the temperature-scaled probabilities
-    model.temperature.copy_(torch.tensor([2.0, 0.5]))
-    val, groups = _calibrated_val(tiny_model("average"))
+    del model.hparams["calibrated_on"]  # a run without fusion.calibrate (or trained before it was recorded)
     assert decisions.held_out_fused(model, val, groups, seed=0) == (val.fused, "val")
 
 
-def test_the_model_computes_branch_probabilities_as_recalibration_does() -> None:
+def test_temperatures_that_cannot_change_the_fused_ranking_are_not_cross_fitted() -> None:
+    concat = tiny_model("concat")  # its fused head reads the branch features, not the temperature-scaled probabilities
     torch.manual_seed(0)
-    model = FusionClassifier(
-        branches=["small_cnn", "darknet"], num_classes=2, fusion={"name": "average"}, image_size=32, tta="flips"
-    ).eval()
+    single = FusionClassifier(branches=["small_cnn"], num_classes=2, fusion={"name": "average"}, image_size=32)
+    for model in (concat, single):  # one binary branch, one view: its probability is monotone in its logit
+        model.hparams.calibrated_on = "val"
+        assert not decisions.calibrated_on_val(model)
+    torch.manual_seed(0)
+    single_tta = FusionClassifier(
+        branches=["small_cnn"], num_classes=2, fusion={"name": "average"}, image_size=32, tta="flips"
+    )
+    single_tta.hparams.calibrated_on = "val"  # the mean over views is not monotone in one logit
+    assert decisions.calibrated_on_val(single_tta)
+
+
+@pytest.mark.parametrize("fusion", ["voting", "stacking"])
+def test_the_cross_fit_fuses_test_time_views_as_the_model_does(fusion: str) -> None:
+    model = _tta_model(fusion)
     model.temperature.copy_(torch.tensor([1.7, 0.6]))
-    images = torch.randint(0, 256, (6, 1, 32, 32), dtype=torch.uint8)
+    images = torch.randint(0, 256, (40, 1, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():  # untrained heads give nearly constant logits: spread and centre them so views disagree
+        for head in model.heads.values():
+            head.weight.mul_(3000.0)
+        spread = predict(model, images).view_logits
+        for i, head in enumerate(model.heads.values()):
+            head.bias.sub_(spread[:, :, i].mean((0, 1)))
+    labels = torch.arange(40) % 2
+    if fusion == "stacking":
+        model.fusion.fit(predict(model, images).probs, labels, names=model.keys)
     out = predict(model, images)
-    assert out.view_logits is not None and out.view_logits.shape == (6, 2, 2, 2)
+    assert out.view_logits is not None and out.view_logits.shape == (40, 2, 2, 2)
     assert torch.equal(out.view_logits[:, 0], out.logits)
-    assert torch.allclose(calibration.scaled_probs(out.view_logits, model.temperature), out.probs, atol=1e-6)
+    views = calibration.view_probs(out.view_logits, model.temperature)
+    assert torch.allclose(views.mean(1), out.probs, atol=1e-6)  # the model's branch probabilities
+    assert torch.allclose(decisions.fuse_views(model.fusion, views), out.fused, atol=1e-6)  # and its fused ones
+    with torch.no_grad():
+        of_the_mean = model.fusion(out.probs, [])[0].float()
+    assert not torch.allclose(of_the_mean, out.fused, atol=1e-6)  # fusing the views' mean is another model
+    # nothing refitted (the fusion not fitted on validation, temperatures not recorded as fitted there): the
+    # cross-fit gives back the model's own fused predictions
+    val = Predictions(out.logits, out.probs, out.fused, labels, out.keys, out.view_logits)
+    groups = [f"p{i}" for i in range(40)]
+    assert torch.allclose(decisions.crossfit_fused(model, val, groups, seed=0), out.fused, atol=1e-6)

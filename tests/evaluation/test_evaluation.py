@@ -249,3 +249,18 @@ def test_all_resamples_at_once_equal_compute_metrics_on_each(ties: int | None) -
             one = metrics.compute_metrics(labels[torch.from_numpy(row)], probs[torch.from_numpy(row)], threshold)
             for name, value in one.items():
                 assert fast[name][b] == pytest.approx(value, abs=1e-6), (b, name)
+
+
+def test_patients_are_resampled_whole_and_images_as_before() -> None:
+    rng = np.random.default_rng(3)  # the image bootstrap's draws are what they were before groups existed
+    before = np.zeros((50, 30), dtype=np.int64)
+    np.add.at(before, (np.arange(50)[:, None], rng.integers(0, 30, size=(50, 30))), 1)
+    assert np.array_equal(metrics.resample_counts(30, 50, seed=3), before)
+    groups = [f"p{i // 3}" for i in range(30)]  # 10 patients, 3 images each
+    counts = metrics.resample_counts(30, 50, seed=3, groups=groups)
+    assert counts.shape == (50, 30) and (counts.sum(axis=1) == 30).all()  # 10 patients drawn, 3 images each
+    for i in range(0, 30, 3):
+        assert (counts[:, i] == counts[:, i + 1]).all() and (counts[:, i] == counts[:, i + 2]).all()
+    labels, probs = random_predictions(30, seed=1)
+    grouped = metrics.bootstrap_intervals(labels, probs, 0.5, 200, seed=3, groups=groups)
+    assert grouped != metrics.bootstrap_intervals(labels, probs, 0.5, 200, seed=3)

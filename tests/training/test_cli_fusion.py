@@ -66,13 +66,42 @@ def test_cross_fitted_stacking_logs_folds_oof_calibration_and_thresholds(cli_in_
     assert json.loads(state["state_dict"]["fusion._extra_state"]["meta"])["kind"] == "logreg"
 
 
+def assert_evaluate_val_scores_as_logged(tmp_path: Path, parent: mlflow.entities.Run) -> tuple:
+    """evaluate split=val gives the run's logged fusion/val_auroc for the fused model and the logged validation
+    AUROCs for the branches; returns the loaded model and the run's data config."""
+    out = tmp_path / "outputs/run"
+    model = load_classifier(out / "checkpoints/best.ckpt")
+    data_cfg = OmegaConf.to_container(OmegaConf.load(out / "config.yaml").data, resolve=True)
+    results, _ = evaluate_model(model, data_cfg, "val", n_bootstrap=0)
+    auroc = results[results["metric"] == "auroc"].set_index("model")["value"]
+    assert auroc["fused"] == pytest.approx(parent.data.metrics["fusion/val_auroc"], abs=1e-6)
+    for name in ("small_cnn", "small_cnn_2"):  # branches are not fitted on validation: as logged
+        assert auroc[name] == pytest.approx(parent.data.metrics[f"val/{name}/auroc"], abs=1e-6)
+    return model, data_cfg
+
+
+@pytest.mark.slow
+def test_temperatures_fitted_on_validation_are_cross_fitted_for_the_score(
+    cli_in_process, tracking_uri, tmp_path
+) -> None:
+    # an equal-weight average is fitted on nothing: only the temperatures (of both test-time views) saw validation
+    args = ["model.branches=[small_cnn,small_cnn]", "fusion=average", "fusion.calibrate=true", "model.tta=flips"]
+    result = cli_in_process([*args, *SMALL_SYNTHETIC])
+    assert result.returncode == 0, result.stderr[-3000:]
+    parent, _ = parent_and_children(tracking_uri)
+    params = parent.data.params
+    assert "fusion/fitted_on" not in params and "calibration/temperature_small_cnn" in params
+    assert params["fusion/val_auroc_on"] == "val_crossfit5" and params["threshold/fused_chosen_on"] == "val_crossfit5"
+    assert_evaluate_val_scores_as_logged(tmp_path, parent)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "fusion_args,fitted_param",
     [
         (["fusion=stacking", "fusion.meta=hgb"], "stacking/hgb_trees"),
         (["fusion=stacking", "fusion.meta=mlp"], "stacking/mlp_layers"),
-        # temperatures fitted on validation too, of two test-time views: both are cross-fitted for the score
+        # with temperatures fitted on validation too, of two test-time views: evaluate refits both per fold alike
         (
             ["fusion=average", "fusion.weights=learned", "fusion.calibrate=true", "model.tta=flips"],
             "average/weight_small_cnn",
@@ -99,14 +128,7 @@ def test_holdout_fits_log_what_they_fitted(
     # the final fusion is scored on validation predictions its fit has not seen: cross-fitted ones
     assert params["fusion/val_auroc_on"] == "val_crossfit5" and 0 <= parent.data.metrics["fusion/val_auroc"] <= 1
     # and evaluate split=val scores the fused model the same way (in-sample it would flatter the fit)
-    out = tmp_path / "outputs/run"
-    model = load_classifier(out / "checkpoints/best.ckpt")
-    data_cfg = OmegaConf.to_container(OmegaConf.load(out / "config.yaml").data, resolve=True)
-    results, _ = evaluate_model(model, data_cfg, "val", n_bootstrap=0)
-    auroc = results[results["metric"] == "auroc"].set_index("model")["value"]
-    assert auroc["fused"] == pytest.approx(parent.data.metrics["fusion/val_auroc"], abs=1e-6)
-    for name in ("small_cnn", "small_cnn_2"):  # branches are not fitted on validation: as logged
-        assert auroc[name] == pytest.approx(parent.data.metrics[f"val/{name}/auroc"], abs=1e-6)
+    model, data_cfg = assert_evaluate_val_scores_as_logged(tmp_path, parent)
     # the threshold rule re-chosen by evaluate on the same cross-fitted predictions gives the logged test metrics
     results, _ = evaluate_model(model, data_cfg, "test", n_bootstrap=0, threshold="sensitivity@0.9")
     fused = results[results["model"] == "fused"].set_index("metric")["value"]

@@ -20,7 +20,9 @@ DIVERSITY_METRICS = ("disagreement", "error_corr")
 SELECTION_METRIC = "selection/score"
 SELECTION_SOURCE = "selection/source"
 SELECTION_MODE = "selection/mode"
-# the score's 95% bootstrap interval over the validation images (runs scored on fusion/val_auroc)
+# the final (fitted) fusion's AUROC on validation predictions its fit has not seen: the default selection source,
+# the one whose scores come with a 95% bootstrap interval over the validation patients (SELECTION_CI)
+FUSED_VAL_AUROC = "fusion/val_auroc"
 SELECTION_CI = ("selection/score_ci_low", "selection/score_ci_high")
 
 

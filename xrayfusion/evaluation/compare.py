@@ -18,6 +18,7 @@ from xrayfusion.core.names import (
     DIVERSITY,
     DIVERSITY_METRICS,
     FUSED,
+    FUSED_VAL_AUROC,
     SELECTION_CI,
     SELECTION_METRIC,
     SELECTION_MODE,
@@ -114,6 +115,7 @@ def comparison_frame(
                 "branches": run.data.tags.get("branches", ""),
                 "data": run.data.tags.get("data", ""),
                 SELECTION: run.data.metrics.get(SELECTION_METRIC, math.nan) if model == FUSED else math.nan,
+                f"{SELECTION}_source": run.data.params.get(SELECTION_SOURCE, "") if model == FUSED else "",
                 **{
                     f"{SELECTION}{suffix}": run.data.metrics.get(name, math.nan) if model == FUSED else math.nan
                     for suffix, name in zip(("_ci_low", "_ci_high"), SELECTION_CI, strict=True)
@@ -172,26 +174,31 @@ def markdown_table(frame: pd.DataFrame, metrics: Sequence[str] = DEFAULT_METRICS
 
 def validation_ties(frame: pd.DataFrame) -> str | None:
     """A line naming the runs whose validation score lies within the 95% interval of the best-scored run's
-    (validation cannot tell them from it: choosing among them is a coin toss there), or None when none does.
-    Only runs whose score has an interval take part (those scored on `fusion/val_auroc`, where higher is
-    better); `frame` is `comparison_frame`'s."""
-    low, high = f"{SELECTION}_ci_low", f"{SELECTION}_ci_high"
-    if low not in frame:
+    (validation cannot tell them from it), or None when none does. Runs take part when scored on
+    `fusion/val_auroc` (higher is better; the metric the interval comes with) on the best run's data; the best
+    run needs an interval (runs logged before intervals, or with `metrics.bootstrap=0`, have none). The interval is
+    the best run's own (patients resampled), not one of paired differences between runs: a tie it reports is
+    a lack of evidence on validation, not proof that the runs are equal. `frame` is `comparison_frame`'s."""
+    low, high, source = f"{SELECTION}_ci_low", f"{SELECTION}_ci_high", f"{SELECTION}_source"
+    if source not in frame:
         return None
-    fused = frame[(frame["model"] == FUSED) & frame[SELECTION].notna() & frame[low].notna() & frame[high].notna()]
-    if len(fused) < 2:
+    scored = frame[(frame["model"] == FUSED) & frame[SELECTION].notna() & (frame[source] == FUSED_VAL_AUROC)]
+    if len(scored) < 2:
         return None
-    scores = fused[SELECTION]
-    leader = fused.loc[scores.idxmax()]
+    leader = scored.loc[scored[SELECTION].idxmax()]
     lo, hi = leader[low], leader[high]
-    within = fused[(fused["run_id"] != leader["run_id"]) & scores.between(lo, hi)]
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return None
+    same_data = scored[(scored["data"] == leader["data"]) & (scored["run_id"] != leader["run_id"])]
+    within = same_data[same_data[SELECTION].between(lo, hi)]
     if within.empty:
         return None
     names = ", ".join(f"{r.run_name} ({r.run_id[:8]}, {r[SELECTION]:.4f})" for _, r in within.iterrows())
     return (
         f"validation cannot tell {leader['run_name']} ({leader['run_id'][:8]}, val_score {leader[SELECTION]:.4f}) "
-        f"from {names}: their scores lie within its 95% bootstrap interval [{lo:.4f}, {hi:.4f}] (a larger "
-        "data.val_fraction narrows it; validation images from another source, a val/ folder, make it harder)"
+        f"from {names}: their scores lie within its 95% interval [{lo:.4f}, {hi:.4f}] (validation patients "
+        "resampled; a larger data.val_fraction narrows it, validation images from another source, a val/ folder, "
+        "make it harder)"
     )
 
 

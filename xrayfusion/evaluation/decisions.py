@@ -33,9 +33,20 @@ def fitted_on_val(model: FusionClassifier) -> bool:
 
 
 def calibrated_on_val(model: FusionClassifier) -> bool:
-    """Whether the fused probabilities depend on branch temperatures, which `fusion.calibrate=true` fits on the
-    validation split (a model without calibration has every temperature 1)."""
-    return bool(model.fusion.uses_probs and (model.temperature != 1).any())
+    """Whether the fused probabilities depend on branch temperatures fitted on the validation split
+    (`fusion.calibrate=true` records `calibrated_on=val`): not for a fusion of features (concat), nor for one
+    binary branch seen once (its probability is monotone in its logit whatever the temperature, so neither its
+    AUROC nor the decisions a threshold can make depend on it)."""
+    if model.hparams.get("calibrated_on") != "val" or not model.fusion.uses_probs:
+        return False
+    return not (len(model.keys) == 1 and int(model.hparams.num_classes) == 2 and len(model.views) == 1)
+
+
+def fuse_views(fusion: torch.nn.Module, view_probs: torch.Tensor) -> torch.Tensor:
+    """Fused probabilities (N, C) of per-view branch probabilities (N, V, K, C), as the model fuses test-time
+    views: each view fused, then the mean over views (not the same as fusing the mean for voting or stacking)."""
+    with torch.no_grad():
+        return torch.stack([fusion(view_probs[:, v], [])[0].float() for v in range(view_probs.shape[1])]).mean(0)
 
 
 def crossfit_fused(
@@ -43,22 +54,24 @@ def crossfit_fused(
 ) -> torch.Tensor:
     """Out-of-sample fused probabilities (N, C) of validation images for a model whose fusion (`fitted_on_val`)
     and/or branch temperatures (`calibrated_on_val`) were fitted on them: each fold's images are predicted with
-    both refitted on the other folds, the temperatures on the plain view's logits as `fusion.calibrate` fits them,
-    applied to every test-time view's logits."""
+    both refitted on the other folds (the temperatures on the plain view's logits, as `fusion.calibrate` fits
+    them; the fusion on the branch probabilities averaged over views, as the run fits it), every test-time view
+    fused as the model fuses them."""
     k = min(n_splits, len(set(groups)))
     refit_fusion, refit_temps = fitted_on_val(model), calibrated_on_val(model)
-    views = val.view_logits if val.view_logits is not None else val.logits[:, None]
+    logits = val.view_logits if val.view_logits is not None else val.logits[:, None]
+    views = calibration.view_probs(logits, model.temperature.cpu()) if val.view_logits is not None else None
     fused = torch.empty_like(val.fused)
     for fit_idx, held_idx in grouped_folds(val.labels.tolist(), list(groups), k, seed):
-        probs = val.probs
+        fold_views = views if views is not None else val.probs[:, None]  # one view: the model's own probabilities
         if refit_temps:
             temps = calibration.fit_temperatures(val.logits[fit_idx], val.labels[fit_idx])
-            probs = calibration.scaled_probs(views, temps)
+            fold_views = calibration.view_probs(logits, temps)
         fusion = copy.deepcopy(model.fusion)
         if refit_fusion:
+            probs = fold_views.mean(1) if refit_temps else val.probs
             fusion.fit(probs[fit_idx], val.labels[fit_idx], names=model.keys)
-        with torch.no_grad():
-            fused[torch.as_tensor(held_idx)] = fusion(probs[held_idx], [])[0].float()
+        fused[torch.as_tensor(held_idx)] = fuse_views(fusion, fold_views[held_idx])
     return fused
 
 

@@ -140,23 +140,38 @@ def resampled_binary_metrics(
     return {name: out[name] for name in METRIC_NAMES}
 
 
+def resample_counts(n: int, n_resamples: int, seed: int, groups: Sequence[str] | None = None) -> np.ndarray:
+    """(n_resamples, n): how often each of n images is in each seeded bootstrap resample. With `groups` (one
+    patient id per image) the patients are drawn with replacement and each brings all of its images."""
+    rng = np.random.default_rng(seed)
+    codes = np.arange(n) if groups is None else np.unique(np.asarray(groups, dtype=str), return_inverse=True)[1]
+    units = int(codes.max()) + 1 if n else 0
+    counts = np.zeros((n_resamples, units), dtype=np.int64)
+    np.add.at(counts, (np.arange(n_resamples)[:, None], rng.integers(0, units, size=(n_resamples, units))), 1)
+    return counts[:, codes]
+
+
 def bootstrap_intervals(
-    labels: torch.Tensor, probs: torch.Tensor, threshold: float, n_resamples: int, seed: int, level: float = 0.95
+    labels: torch.Tensor,
+    probs: torch.Tensor,
+    threshold: float,
+    n_resamples: int,
+    seed: int,
+    level: float = 0.95,
+    groups: Sequence[str] | None = None,
 ) -> dict[str, tuple[float, float]]:
-    """Percentile bootstrap interval of every metric over `n_resamples` seeded resamples of the images.
+    """Percentile bootstrap interval of every metric over `n_resamples` seeded resamples of the images (of the
+    patients, with `groups`: `resample_counts`).
 
     Binary tasks score all resamples at once (`resampled_binary_metrics`: about a second for 1,000 resamples of
     624 images); more classes loop over `compute_metrics`.
     """
-    rng = np.random.default_rng(seed)
-    n = len(labels)
-    idx = rng.integers(0, n, size=(n_resamples, n))
+    counts = resample_counts(len(labels), n_resamples, seed, groups)
     if probs.shape[1] == 2:
-        counts = np.zeros((n_resamples, n), dtype=np.int64)
-        np.add.at(counts, (np.arange(n_resamples)[:, None], idx), 1)
         draws = resampled_binary_metrics(labels, probs, threshold, counts)
     else:
-        rows = [compute_metrics(labels[torch.from_numpy(i)], probs[torch.from_numpy(i)], threshold) for i in idx]
+        picks = [torch.from_numpy(np.repeat(np.arange(len(labels)), row)) for row in counts]
+        rows = [compute_metrics(labels[i], probs[i], threshold) for i in picks]
         draws = {m: np.asarray([r[m] for r in rows], dtype=float) for m in METRIC_NAMES}
     alpha = (1.0 - level) / 2.0
     intervals = {}

@@ -29,10 +29,11 @@ def fit_temperatures(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
     return torch.tensor([fit_temperature(logits[:, k], labels) for k in range(logits.shape[1])])
 
 
-def scaled_probs(view_logits: torch.Tensor, temps: torch.Tensor) -> torch.Tensor:
-    """Branch probabilities (N, K, C) of raw logits (N, V, K, C) of V test-time views under per-branch
-    temperatures (K,): as the model computes them, softmax(logits / T) per view, then the mean over views."""
-    return (view_logits.float() / temps.float().view(1, 1, -1, 1)).softmax(dim=3).mean(dim=1)
+def view_probs(view_logits: torch.Tensor, temps: torch.Tensor) -> torch.Tensor:
+    """Branch probabilities (N, V, K, C) of raw logits (N, V, K, C) of V test-time views under per-branch
+    temperatures (K,), as the model computes them per view: softmax(logits / T) in float32. The model's branch
+    probabilities are their mean over views (`.mean(dim=1)`)."""
+    return (view_logits.float() / temps.float().view(1, 1, -1, 1)).softmax(dim=3)
 
 
 def temperature_params(keys: list[str], temps: torch.Tensor) -> dict[str, float]:

@@ -118,7 +118,8 @@ class FusionClassifier(pl.LightningModule):
     device before normalisation (kornia), in every forward: training, validation, test and serving alike.
     `mixup` (model.mixup: mixup_alpha, cutmix_alpha, prob, switch_prob, label_smoothing) mixes training batches
     and trains on soft targets (timm.data.Mixup); training steps only.
-    `fusion_fitted_on` says where a fitted fusion was fitted ('holdout' = the validation split, 'oof_cv<K>').
+    `fusion_fitted_on` says where a fitted fusion was fitted ('holdout' = the validation split, 'oof_cv<K>');
+    `calibrated_on` where the branch temperatures were fitted ('val' with fusion.calibrate=true, else None).
     `branch_sizes` gives a branch its own input size (model.branch_sizes, e.g. {small_cnn: 96}); the others take
     `image_size`. Images arrive at `image_size` (decoded once, at the largest size) and each branch's copy is
     resized on the device (bilinear, antialiased), in training and every inference path alike.
@@ -147,6 +148,7 @@ class FusionClassifier(pl.LightningModule):
         threshold: float = 0.5,
         branch_thresholds: Mapping[str, float] | None = None,
         fusion_fitted_on: str | None = None,
+        calibrated_on: str | None = None,
         channels_last: bool = False,
         compile: bool = False,
         bf16_branches: Sequence[str] = (),

@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 from pytorch_lightning.loggers import MLFlowLogger
 
 from xrayfusion import tracking
-from xrayfusion.core.names import FUSED
+from xrayfusion.core.names import FUSED, FUSED_VAL_AUROC
 from xrayfusion.data import XRayDataModule
 from xrayfusion.evaluation import decisions
 from xrayfusion.evaluation.diversity import diversity_metrics
@@ -72,6 +72,7 @@ def calibrate(model: FusionClassifier, dm: XRayDataModule, logger: MLFlowLogger)
         for i, k in enumerate(model.keys)
     }
     model.temperature.copy_(temps)
+    model.hparams.calibrated_on = "val"  # stored: the fused validation score and threshold then cross-fit them
     val = _val(model, dm)
     for i, k in enumerate(model.keys):
         metrics[f"calibration/{k}/val_ece_after"] = calibration.expected_calibration_error(val.probs[:, i], val.labels)
@@ -185,15 +186,16 @@ def fit_fusion(
     # the final fused model's validation AUROC on predictions its fit has not seen (best/val/fused/auroc is the
     # best epoch's, before the fusion was fitted): what a recipe with a fitted fusion should be compared on
     val_auroc = float(compute_metrics(val.labels, held_out[0])["auroc"])
-    # how far validation can tell recipes apart: a saturated split gives a tight interval near 1 that the
-    # runs' scores share (compare says which runs lie within the leader's)
+    # how far validation can tell recipes apart: a bootstrap over the validation patients (the split's unit),
+    # seeded by the split's seed, so runs on the same split draw the same resamples
     n_resamples = int(cfg.metrics.get("bootstrap", 0) or 0)
     interval = (math.nan, math.nan)
     if n_resamples > 0:
-        interval = bootstrap_intervals(val.labels, held_out[0], 0.5, n_resamples, int(cfg.seed))["auroc"]
-    logger.log_metrics({"fusion/val_auroc": val_auroc})
+        intervals = bootstrap_intervals(val.labels, held_out[0], 0.5, n_resamples, seed, groups=source.val.groups)
+        interval = intervals["auroc"]
+    logger.log_metrics({FUSED_VAL_AUROC: val_auroc})
     if all(math.isfinite(v) for v in interval):
-        logger.log_metrics({"fusion/val_auroc_ci_low": interval[0], "fusion/val_auroc_ci_high": interval[1]})
+        logger.log_metrics({f"{FUSED_VAL_AUROC}_ci_low": interval[0], f"{FUSED_VAL_AUROC}_ci_high": interval[1]})
     tracking.log_params(logger, {"fusion/val_auroc_on": held_out[1]})
     # how differently the final branches decide on validation, at their thresholds (ensembles only)
     diversity = diversity_metrics("val", val.labels, val.probs, model.keys, trained_thresholds(model))

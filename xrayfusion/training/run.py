@@ -25,7 +25,14 @@ from pytorch_lightning.utilities import rank_zero_only
 from xrayfusion import tracking
 from xrayfusion.core import runtime
 from xrayfusion.core.errors import ConfigError
-from xrayfusion.core.names import FUSED, SELECTION_CI, SELECTION_METRIC, SELECTION_MODE, SELECTION_SOURCE
+from xrayfusion.core.names import (
+    FUSED,
+    FUSED_VAL_AUROC,
+    SELECTION_CI,
+    SELECTION_METRIC,
+    SELECTION_MODE,
+    SELECTION_SOURCE,
+)
 from xrayfusion.data import SourceData, XRayDataModule
 from xrayfusion.data.skipped import write_skipped_csv
 from xrayfusion.evaluation import plots
@@ -302,7 +309,7 @@ def finish(run: Run, parts: TrainerParts) -> float | None:
     metric = str(run.cfg.optimized_metric)
     run.logger.log_metrics(sweep.best_metric(metric, best))
     score, source = sweep.selection_score(metric, best, run.fusion.val_auroc if run.fusion else None)
-    post_fit = run.fusion is not None and source == sweep.FUSED_VAL_AUROC
+    post_fit = run.fusion is not None and source == FUSED_VAL_AUROC
     interval = run.fusion.val_auroc_ci if post_fit and all(map(math.isfinite, run.fusion.val_auroc_ci)) else None
     if score is not None:
         run.logger.log_metrics({SELECTION_METRIC: score})
