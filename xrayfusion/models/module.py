@@ -17,6 +17,7 @@ from torch import nn
 from xrayfusion.core.errors import ConfigError
 from xrayfusion.core.names import DIVERSITY, FUSED
 from xrayfusion.fusion import build_fusion
+from xrayfusion.fusion.calibration import view_probs
 from xrayfusion.models.backbones import check_input_size, create_backbone, feature_dim, input_stats
 from xrayfusion.models.equalize import check_equalize, equalize_images
 from xrayfusion.models.metrics import compute_values, metric_collection, metric_input, train_accuracy
@@ -335,7 +336,7 @@ class FusionClassifier(pl.LightningModule):
                 logits.append(self.heads[key](feat))
         stacked = torch.stack(logits, dim=1).float()
         with torch.autocast(x.device.type, enabled=False):  # temperatures and fusion in float32 (stacking: float64)
-            probs = (stacked / self.temperature.view(1, -1, 1)).softmax(dim=2)
+            probs = view_probs(stacked[:, None], self.temperature)[:, 0]  # the one temperature formula
             fused_probs, fused_logits = self.fusion(probs, [f.float() for f in feats])
         return {"logits": stacked, "probs": probs, "fused_probs": fused_probs, "fused_logits": fused_logits}
 
