@@ -118,7 +118,7 @@ class FusionOutcome(NamedTuple):
     threshold_on: str
     val_auroc: float
     val_auroc_on: str
-    val_auroc_ci: tuple[float, float] = (math.nan, math.nan)
+    val_auroc_ci: tuple[float, float]
 
 
 def fit_fusion(
