@@ -67,14 +67,18 @@ def test_cross_fitted_stacking_logs_folds_oof_calibration_and_thresholds(cli_in_
 
 
 def assert_evaluate_val_scores_as_logged(tmp_path: Path, parent: mlflow.entities.Run) -> tuple:
-    """evaluate split=val gives the run's logged fusion/val_auroc for the fused model and the logged validation
-    AUROCs for the branches; returns the loaded model and the run's data config."""
+    """evaluate split=val gives the run's logged fusion/val_auroc (and its interval) for the fused model and the
+    logged validation AUROCs for the branches; returns the loaded model and the run's data config."""
     out = tmp_path / "outputs/run"
     model = load_classifier(out / "checkpoints/best.ckpt")
     data_cfg = OmegaConf.to_container(OmegaConf.load(out / "config.yaml").data, resolve=True)
-    results, _ = evaluate_model(model, data_cfg, "val", n_bootstrap=0)
-    auroc = results[results["metric"] == "auroc"].set_index("model")["value"]
+    results, _ = evaluate_model(model, data_cfg, "val", n_bootstrap=100)  # SMALL_SYNTHETIC's metrics.bootstrap
+    rows = results[results["metric"] == "auroc"].set_index("model")
+    auroc = rows["value"]
     assert auroc["fused"] == pytest.approx(parent.data.metrics["fusion/val_auroc"], abs=1e-6)
+    for end in ("low", "high"):  # the same patients resampled, with the split's seed
+        logged = parent.data.metrics[f"fusion/val_auroc_ci_{end}"]
+        assert rows.loc["fused", f"ci_{end}"] == pytest.approx(logged, abs=1e-6), end
     for name in ("small_cnn", "small_cnn_2"):  # branches are not fitted on validation: as logged
         assert auroc[name] == pytest.approx(parent.data.metrics[f"val/{name}/auroc"], abs=1e-6)
     return model, data_cfg

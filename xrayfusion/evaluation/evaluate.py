@@ -61,7 +61,9 @@ def evaluate_model(
     (youden, sensitivity@0.95) chosen on the run's own validation split, which `data_cfg` must then give.
     With split=val, a fusion (or the branch temperatures it reads) fitted on validation is scored on
     cross-fitted fused predictions (`decisions.held_out_fused`), so its fused AUROC is the run's
-    `fusion/val_auroc`.
+    `fusion/val_auroc`. Intervals resample the patients on split=val and train (val with the split's seed, so
+    the fused AUROC's interval is the run's `fusion/val_auroc_ci_*` for the same number of resamples), the
+    images on test.
     Returns (results rows of evaluate_predictions, predictions_frame).
     """
     if split not in ("train", "val", "test"):
@@ -99,7 +101,11 @@ def evaluate_model(
         decide = chosen or trained_thresholds(model)
     else:
         decide = trained_thresholds(model, rule)
-    results = evaluate_predictions(data.labels, probs, decide, n_bootstrap, seed)
+    # the run's own splits were carved by patient: resample patients there; the validation split with its own
+    # seed, as the run's logged validation score interval (fusion/val_auroc_ci_*) was drawn
+    groups = data.groups if split != "test" else None
+    seed = decisions.crossfit_seed(model) if split == "val" else seed
+    results = evaluate_predictions(data.labels, probs, decide, n_bootstrap, seed, groups)
     return results, predictions_frame(data.names, data.labels, probs, list(model.hparams.class_names))
 
 

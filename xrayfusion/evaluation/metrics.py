@@ -190,8 +190,10 @@ def evaluate_predictions(
     threshold: float | Mapping[str, float] = 0.5,
     n_bootstrap: int = 1000,
     seed: int = 0,
+    groups: Sequence[str] | None = None,
 ) -> pd.DataFrame:
-    """Rows (model, metric, value, ci_low, ci_high) for every model; intervals are NaN when n_bootstrap=0.
+    """Rows (model, metric, value, ci_low, ci_high) for every model; intervals are NaN when n_bootstrap=0, and
+    resample the patients `groups` names (one per image) when given, else the images.
 
     `threshold` is one value or one per model name (binary tasks).
     """
@@ -202,7 +204,7 @@ def evaluate_predictions(
         threshold_of = threshold.get(model_name, 0.5) if isinstance(threshold, Mapping) else threshold
         values = compute_metrics(labels, probs, threshold_of)
         intervals = (
-            bootstrap_intervals(labels, probs, threshold_of, n_bootstrap, seed)
+            bootstrap_intervals(labels, probs, threshold_of, n_bootstrap, seed, groups=groups)
             if n_bootstrap > 0
             else dict.fromkeys(values, (math.nan, math.nan))
         )
