@@ -99,8 +99,9 @@ def comparison_frame(
     are warned about: their `val_score`s do not compare.
 
     Fused rows also get the run's `val_score` with its 95% interval (`val_score_ci_low`, `_high`: bootstrap
-    over the validation images) and the ensemble's mean branch diversity (`mean_disagreement`,
-    `mean_error_corr`; NaN for one-branch runs and runs logged before they existed).
+    over the validation patients) and where the score comes from (`val_score_source`), and the ensemble's mean
+    branch diversity (`mean_disagreement`, `mean_error_corr`; NaN for one-branch runs and runs logged before
+    they existed).
     """
     rows = []
     for order, run in enumerate(runs):

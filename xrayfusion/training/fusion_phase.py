@@ -113,12 +113,12 @@ class FusionOutcome(NamedTuple):
     """What the fusion phase decided: where the fused threshold was chosen (`val`, `val_crossfit5`; `argmax` for
     more than two classes), the final fused model's validation AUROC on predictions its fit has not seen
     (`fusion/val_auroc`), what those are (`val`, `val_crossfit5`: `decisions.held_out_fused`), and the AUROC's
-    95% bootstrap interval over the validation images (NaN, NaN with `metrics.bootstrap=0`)."""
+    95% bootstrap interval over the validation patients (None with `metrics.bootstrap=0` or when undefined)."""
 
     threshold_on: str
     val_auroc: float
     val_auroc_on: str
-    val_auroc_ci: tuple[float, float]
+    val_auroc_ci: tuple[float, float] | None
 
 
 def fit_fusion(
@@ -189,12 +189,12 @@ def fit_fusion(
     # how far validation can tell recipes apart: a bootstrap over the validation patients (the split's unit),
     # seeded by the split's seed, so runs on the same split draw the same resamples
     n_resamples = int(cfg.metrics.get("bootstrap", 0) or 0)
-    interval = (math.nan, math.nan)
+    interval = None
     if n_resamples > 0:
-        intervals = bootstrap_intervals(val.labels, held_out[0], 0.5, n_resamples, seed, groups=source.val.groups)
-        interval = intervals["auroc"]
+        drawn = bootstrap_intervals(val.labels, held_out[0], 0.5, n_resamples, seed, groups=source.val.groups)
+        interval = drawn["auroc"] if all(map(math.isfinite, drawn["auroc"])) else None
     logger.log_metrics({FUSED_VAL_AUROC: val_auroc})
-    if all(math.isfinite(v) for v in interval):
+    if interval:
         logger.log_metrics({f"{FUSED_VAL_AUROC}_ci_low": interval[0], f"{FUSED_VAL_AUROC}_ci_high": interval[1]})
     tracking.log_params(logger, {"fusion/val_auroc_on": held_out[1]})
     # how differently the final branches decide on validation, at their thresholds (ensembles only)

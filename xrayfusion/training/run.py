@@ -8,7 +8,6 @@ exists (building the trainer included), or KILLED when the caller's `stops` exce
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -310,7 +309,7 @@ def finish(run: Run, parts: TrainerParts) -> float | None:
     run.logger.log_metrics(sweep.best_metric(metric, best))
     score, source = sweep.selection_score(metric, best, run.fusion.val_auroc if run.fusion else None)
     post_fit = run.fusion is not None and source == FUSED_VAL_AUROC
-    interval = run.fusion.val_auroc_ci if post_fit and all(map(math.isfinite, run.fusion.val_auroc_ci)) else None
+    interval = run.fusion.val_auroc_ci if post_fit else None
     if score is not None:
         run.logger.log_metrics({SELECTION_METRIC: score})
         if interval:
