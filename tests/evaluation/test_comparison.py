@@ -113,18 +113,21 @@ def test_runs_validation_cannot_tell_apart_are_named(tmp_path, tracking_uri: str
     client = mlflow.MlflowClient(tracking_uri)
     exp = client.create_experiment("xrayfusion", artifact_location=(tmp_path / "artifacts").as_uri())
 
-    def log_run(name: str, score: float, interval: tuple | None = None, source: str = "fusion/val_auroc", data="k"):
+    def log_run(name: str, score: float, interval=None, source="fusion/val_auroc", data="k", fit=None, folds=None):
         run_id = client.create_run(exp, run_name=name, tags={"data": data}).info.run_id
         client.log_metric(run_id, "selection/score", score)
+        for metric, seconds in (("time/fit_seconds", fit), ("time/crossfit_seconds", folds)):
+            if seconds is not None:
+                client.log_metric(run_id, metric, seconds)
         for suffix, value in zip(("low", "high"), interval or (), strict=False):
             client.log_metric(run_id, f"selection/score_ci_{suffix}", value)
         client.log_param(run_id, "selection/source", source)
         client.log_metric(run_id, "test/fused/auroc", 0.9)
 
-    log_run("leader", 0.9994, (0.9983, 0.9999))
-    log_run("close", 0.9986, (0.9970, 0.9996))
-    log_run("far", 0.9900, (0.985, 0.994))
-    log_run("no_interval", 0.9990)  # logged before intervals: inside the leader's, so named too
+    log_run("leader", 0.9994, (0.9983, 0.9999), fit=1600)
+    log_run("close", 0.9986, (0.9970, 0.9996), fit=1100, folds=200)  # its cost: fit + cross-fit folds
+    log_run("far", 0.9900, (0.985, 0.994), fit=50)  # the cheapest, but validation tells it apart: not named
+    log_run("no_interval", 0.9990, fit=1400)  # logged before intervals: inside the leader's, so named too
     log_run("other_data", 0.9990, (0.998, 1.0), data="other")  # another validation set: does not compare
     frame = comparison.comparison_frame(comparison.search_runs(tracking_uri, "xrayfusion"), "test", ["auroc"])
     assert list(frame["run_name"])[0] == "leader" and list(frame["run_name"])[-1] == "far"
@@ -134,6 +137,15 @@ def test_runs_validation_cannot_tell_apart_are_named(tmp_path, tracking_uri: str
     assert line is not None and line.startswith("validation cannot tell leader (") and "[0.9983, 0.9999]" in line
     assert "close (" in line and "0.9986" in line and "no_interval (" in line
     assert "far" not in line and "other_data" not in line
+    assert line.endswith("the quickest of them to train is close (" + line.split("is close (")[1])
+    assert "1300 s against 1600 s): prefer it while validation cannot rank them" in line
+    costs = dict(zip(frame["run_name"], frame["train_seconds"].fillna(-1), strict=True))
+    assert costs == {"leader": 1600, "close": 1300, "far": 50, "no_interval": 1400, "other_data": -1}  # no fit time
+    assert "train_seconds" in table.splitlines()[0]
+    pair = frame[frame["run_name"].isin(["leader", "no_interval"])].copy()
+    pair.loc[pair["run_name"] == "no_interval", "train_seconds"] = 1700
+    slower = comparison.validation_ties(pair)
+    assert slower is not None and "no_interval (" in slower and "quickest" not in slower  # tied, but not cheaper
     assert comparison.validation_ties(frame[~frame["run_name"].isin(["close", "no_interval"])]) is None  # far: outside
     log_run("loss_run", 0.99925, (0.999, 0.9995), source="best/val/loss")  # another metric: does not compare
     log_run("top_without_interval", 0.9999)  # the best-scored run has no interval: nothing to say

@@ -24,6 +24,9 @@ SELECTION_MODE = "selection/mode"
 # the one whose scores come with a 95% bootstrap interval over the validation patients (SELECTION_CI)
 FUSED_VAL_AUROC = "fusion/val_auroc"
 SELECTION_CI = ("selection/score_ci_low", "selection/score_ci_high")
+# what a run's training cost, in wall seconds: the fit of the final model, and the cross-fit folds' trainings
+FIT_SECONDS = "time/fit_seconds"
+CROSSFIT_SECONDS = "time/crossfit_seconds"
 
 
 def predict_labels(probs: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:

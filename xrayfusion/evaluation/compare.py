@@ -15,8 +15,10 @@ from mlflow.entities import Run
 
 from xrayfusion.core.errors import ConfigError, DataError
 from xrayfusion.core.names import (
+    CROSSFIT_SECONDS,
     DIVERSITY,
     DIVERSITY_METRICS,
+    FIT_SECONDS,
     FUSED,
     FUSED_VAL_AUROC,
     SELECTION_CI,
@@ -35,6 +37,8 @@ INFO_COLUMNS = ("run_name", "run_id", "model", "fusion", "branches", "data")
 DIVERSITY_COLUMNS = tuple(f"mean_{m}" for m in DIVERSITY_METRICS)
 # the run's validation score (`selection/score`, what a recipe is chosen on), on its fused row; the default sort
 SELECTION = "val_score"
+# what the run's training cost: its fit plus its cross-fit folds' trainings (wall seconds), on its fused row
+TRAIN_SECONDS = "train_seconds"
 
 
 def build_filter(tags: Mapping[str, str] | None, filter_string: str | None) -> str:
@@ -101,7 +105,8 @@ def comparison_frame(
     Fused rows also get the run's `val_score` with its 95% interval (`val_score_ci_low`, `_high`: bootstrap
     over the validation patients) and where the score comes from (`val_score_source`), and the ensemble's mean
     branch diversity (`mean_disagreement`, `mean_error_corr`; NaN for one-branch runs and runs logged before
-    they existed).
+    they existed), and what its training cost (`train_seconds`: the fit plus any cross-fit folds; NaN when the
+    run logged no fit time).
     """
     rows = []
     for order, run in enumerate(runs):
@@ -121,6 +126,7 @@ def comparison_frame(
                     f"{SELECTION}{suffix}": run.data.metrics.get(name, math.nan) if model == FUSED else math.nan
                     for suffix, name in zip(("_ci_low", "_ci_high"), SELECTION_CI, strict=True)
                 },
+                TRAIN_SECONDS: train_seconds(run) if model == FUSED else math.nan,
                 "_run": order,
                 "_fused": model != FUSED,
             }
@@ -149,10 +155,16 @@ def comparison_frame(
     return frame.drop(columns=["_run", "_fused", "_key"]).reset_index(drop=True)
 
 
+def train_seconds(run: Run) -> float:
+    """Wall seconds the run spent training: its fit plus its cross-fit folds (NaN when it logged no fit time)."""
+    metrics = run.data.metrics
+    return metrics.get(FIT_SECONDS, math.nan) + metrics.get(CROSSFIT_SECONDS, 0.0)
+
+
 def markdown_table(frame: pd.DataFrame, metrics: Sequence[str] = DEFAULT_METRICS, digits: int = 3) -> str:
     """Markdown with the runs' validation scores (when any run has one), then `value [low, high]` cells
     (intervals where the run has them; the validation score's too, to 4 places), then the mean branch
-    diversity columns when any run has them."""
+    diversity columns and `train_seconds` when any run has them."""
 
     def cell(row: pd.Series, metric: str, places: int = digits) -> str:
         value, lo, hi = row[metric], row.get(f"{metric}_ci_low", math.nan), row.get(f"{metric}_ci_high", math.nan)
@@ -170,6 +182,8 @@ def markdown_table(frame: pd.DataFrame, metrics: Sequence[str] = DEFAULT_METRICS
     for column in DIVERSITY_COLUMNS:
         if column in frame and frame[column].notna().any():
             table[column] = [f"{v:.{digits}f}" if math.isfinite(v) else "n/a" for v in frame[column]]
+    if TRAIN_SECONDS in frame and frame[TRAIN_SECONDS].notna().any():
+        table[TRAIN_SECONDS] = [f"{v:.0f}" if math.isfinite(v) else "n/a" for v in frame[TRAIN_SECONDS]]
     return table.to_markdown(index=False)
 
 
@@ -179,7 +193,10 @@ def validation_ties(frame: pd.DataFrame) -> str | None:
     `fusion/val_auroc` (higher is better; the metric the interval comes with) on the best run's data; the best
     run needs an interval (runs logged before intervals, or with `metrics.bootstrap=0`, have none). The interval is
     the best run's own (patients resampled), not one of paired differences between runs: a tie it reports is
-    a lack of evidence on validation, not proof that the runs are equal. `frame` is `comparison_frame`'s."""
+    a lack of evidence on validation, not proof that the runs are equal. When one of the tied runs trained in
+    less time than the best run (`train_seconds`), the line names the quickest: with validation unable to rank
+    them, the cheaper recipe is the one to prefer (the one-standard-error rule; docs/sweeps.md). `frame` is
+    `comparison_frame`'s."""
     low, high, source = f"{SELECTION}_ci_low", f"{SELECTION}_ci_high", f"{SELECTION}_source"
     if source not in frame:
         return None
@@ -195,12 +212,22 @@ def validation_ties(frame: pd.DataFrame) -> str | None:
     if within.empty:
         return None
     names = ", ".join(f"{r.run_name} ({r.run_id[:8]}, {r[SELECTION]:.4f})" for _, r in within.iterrows())
-    return (
+    line = (
         f"validation cannot tell {leader['run_name']} ({leader['run_id'][:8]}, val_score {leader[SELECTION]:.4f}) "
         f"from {names}: their scores lie within its 95% interval [{lo:.4f}, {hi:.4f}] (validation patients "
         "resampled; a larger data.val_fraction narrows it, validation images from another source, a val/ folder, "
         "make it harder)"
     )
+    cost = within[TRAIN_SECONDS] if TRAIN_SECONDS in within else pd.Series(dtype=float)
+    if cost.notna().any() and math.isfinite(leader.get(TRAIN_SECONDS, math.nan)):
+        quickest = within.loc[cost.idxmin()]
+        if quickest[TRAIN_SECONDS] < leader[TRAIN_SECONDS]:
+            line += (
+                f"; the quickest of them to train is {quickest['run_name']} ({quickest['run_id'][:8]}, "
+                f"{quickest[TRAIN_SECONDS]:.0f} s against {leader[TRAIN_SECONDS]:.0f} s): prefer it while validation "
+                "cannot rank them"
+            )
+    return line
 
 
 def predictions_artifact(prefix: str) -> str:

@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 from pytorch_lightning.loggers import MLFlowLogger
 
 from xrayfusion import tracking
-from xrayfusion.core.names import FUSED, FUSED_VAL_AUROC
+from xrayfusion.core.names import CROSSFIT_SECONDS, FUSED, FUSED_VAL_AUROC
 from xrayfusion.data import XRayDataModule
 from xrayfusion.evaluation import decisions
 from xrayfusion.evaluation.diversity import diversity_metrics
@@ -155,7 +155,7 @@ def fit_fusion(
                 source.train.labels.tolist(), source.train.groups, n_splits, int(cfg.seed), fit_predict
             )
             held, labels, folds = source.train, source.train.labels, (fold_of + 1).tolist()
-            logger.log_metrics({"time/crossfit_seconds": time.perf_counter() - started})
+            logger.log_metrics({CROSSFIT_SECONDS: time.perf_counter() - started})
         params = model.fusion.fit(probs, labels, names=model.keys)
         fitted_on = "holdout" if n_splits is None else f"oof_cv{n_splits}"
         model.hparams.fusion_fitted_on = fitted_on  # stored: evaluate's threshold rules need it

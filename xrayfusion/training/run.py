@@ -25,6 +25,7 @@ from xrayfusion import tracking
 from xrayfusion.core import runtime
 from xrayfusion.core.errors import ConfigError
 from xrayfusion.core.names import (
+    FIT_SECONDS,
     FUSED,
     FUSED_VAL_AUROC,
     SELECTION_CI,
@@ -203,7 +204,7 @@ def fit(run: Run, parts: TrainerParts) -> None:
     started = time.perf_counter()
     checkpoint = run.resume and run.resume.checkpoint
     parts.trainer.fit(run.model, datamodule=run.dm, ckpt_path=checkpoint, weights_only=True)
-    run.logger.log_metrics({"time/fit_seconds": time.perf_counter() - started})
+    run.logger.log_metrics({FIT_SECONDS: time.perf_counter() - started})
     restore_best(run.model, parts.checkpoint)
 
 
