@@ -211,6 +211,21 @@ def test_autotune_times_copies_and_sets_the_choice(monkeypatch) -> None:
     assert all(p.grad is None for p in model.parameters())
 
 
+def test_autotune_times_each_branch_at_its_own_size(monkeypatch) -> None:
+    from xrayfusion.models import precision
+
+    seen = {}
+
+    def paired(branch, x, y, steps):
+        seen[len(seen)] = tuple(x.shape[-2:])
+        return 1.0, 0.5
+
+    monkeypatch.setattr(precision, "_paired_seconds", paired)
+    model = _model(branch_sizes={"small_cnn": 16})
+    precision.time_branches(model, batch_size=2, image_size=32)
+    assert seen == {0: (16, 16), 1: (32, 32)}  # small_cnn trains on 16 px, resnet18 on the decoded 32 px
+
+
 def test_autotune_without_bf16_hardware_or_on_gpu_skips_timing(monkeypatch) -> None:
     from xrayfusion.models import precision
 

@@ -70,14 +70,17 @@ def _paired_seconds(branch: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, s
 def time_branches(
     model: torch.nn.Module, batch_size: int, image_size: int, device: torch.device | str = "cpu", steps: int = 3
 ) -> list[BranchTiming]:
-    """Time a training step of each branch of a FusionClassifier (on copies: the model is left untouched)."""
+    """Time a training step of each branch of a FusionClassifier (on copies: the model is left untouched), on
+    the input that branch trains on: `image_size` px images (the decode size) resized to its own size
+    (`model.branch_sizes`)."""
     device = torch.device(device)
     gen = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (batch_size, 1, image_size, image_size), dtype=torch.uint8, generator=gen)
     y = torch.randint(0, int(model.hparams.num_classes), (batch_size,), generator=gen).to(device)
     timings = []
     with torch.no_grad():
-        inputs = [model.preprocess(images, i).to(device) for i in range(len(model.keys))]
+        prepared: dict = {}
+        inputs = [model.branch_input(images, i, prepared).to(device) for i in range(len(model.keys))]
     for i, (name, key) in enumerate(zip(model.hparams.branches, model.keys, strict=True)):
         branch = torch.nn.Sequential(copy.deepcopy(model.backbones[key]), copy.deepcopy(model.heads[key]))
         branch.to(device).train()
