@@ -141,7 +141,35 @@ def test_holdout_fits_log_what_they_fitted(
 
 
 @pytest.mark.slow
+def test_prefer_equal_logs_its_choice_and_the_run_serves_it(cli_in_process, tracking_uri: str, tmp_path: Path) -> None:
+    args = [
+        "model.branches=[small_cnn,small_cnn]",
+        "fusion=average",
+        "fusion.weights=learned",
+        "fusion.prefer_equal=true",
+    ]
+    result = cli_in_process([*args, "metrics.threshold=youden", *SMALL_SYNTHETIC])
+    assert result.returncode == 0, result.stderr[-3000:]
+    parent, _ = parent_and_children(tracking_uri)
+    params, metrics = parent.data.params, parent.data.metrics
+    equal = metrics["fusion/equal_val_auroc"] >= metrics["fusion/learned_val_auroc_ci_low"]
+    assert params["fusion/prefer_equal_choice"].startswith("equal weights" if equal else "learned weights")
+    assert params["fusion/fitted_on"] == ("none" if equal else "holdout")
+    # the score of the weights kept: the equal average fitted on nothing, learned weights cross-fitted
+    kept = "fusion/equal_val_auroc" if equal else "fusion/learned_val_auroc"
+    assert metrics["fusion/val_auroc"] == pytest.approx(metrics[kept], abs=1e-9)
+    assert params["fusion/val_auroc_on"] == ("val" if equal else "val_crossfit5")
+    if equal:
+        assert params["average/weight_small_cnn"] == params["average/weight_small_cnn_2"] == "0.5"
+    model, _ = assert_evaluate_val_scores_as_logged(tmp_path, parent)
+    assert model.hparams.fusion_fitted_on == params["fusion/fitted_on"]
+    assert_logged_test_metrics_recompute(tracking_uri, parent.info.run_id)
+
+
+@pytest.mark.slow
 def test_bad_fusion_options_fail_before_training(cli_in_process) -> None:
+    result = cli_in_process(["fusion=average", "fusion.prefer_equal=true", *SMALL_SYNTHETIC])
+    assert result.returncode == 2 and "fusion.prefer_equal=true chooses between learned and equal" in result.stderr
     result = cli_in_process(["fusion=voting", "+fusion.cv=3", *SMALL_SYNTHETIC])
     assert result.returncode == 2 and "only applies to fitted fusions" in result.stderr
     result = cli_in_process(["fusion=stacking", "metrics.threshold=best", *SMALL_SYNTHETIC])

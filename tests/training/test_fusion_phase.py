@@ -1,4 +1,5 @@
-"""The fusion phase's decisions that need no training: the warning before a fit on a saturated validation split."""
+"""The fusion phase's decisions that need no training: the warning before a fit on a saturated validation split,
+and fusion.prefer_equal's choice between learned and equal weights."""
 
 from __future__ import annotations
 
@@ -35,3 +36,74 @@ def test_a_fit_on_a_saturated_validation_split_is_warned_about(caplog, separatio
         assert "fusion.cv=auto" in lines[0]
     else:
         assert lines == []
+
+
+class _Logger:
+    """What the fusion phase logs to, kept in dicts."""
+
+    def __init__(self) -> None:
+        self.params: dict[str, str] = {}
+        self.metrics: dict[str, float] = {}
+
+    def log_hyperparams(self, params) -> None:
+        self.params.update(params)
+
+    def log_metrics(self, metrics) -> None:
+        self.metrics.update(metrics)
+
+
+@pytest.mark.parametrize(("noise_b", "kept"), [(False, "none"), (True, "holdout")])
+def test_prefer_equal_keeps_equal_weights_only_when_validation_cannot_tell_them_apart(
+    monkeypatch, noise_b: bool, kept: str
+) -> None:
+    import functools
+
+    from xrayfusion.evaluation.metrics import compute_metrics
+    from xrayfusion.models import FusionClassifier
+    from xrayfusion.training import fusion_phase
+
+    gen = torch.Generator().manual_seed(0)
+    n = 200
+    labels = torch.tensor([0, 1] * (n // 2))
+    groups = [f"p{i}" for i in range(n)]
+
+    def branch(signal: float) -> torch.Tensor:
+        return torch.sigmoid(signal * (2 * labels - 1) + torch.randn(n, generator=gen))
+
+    # two equally good branches with independent errors, or a good one and pure noise
+    p = torch.stack([branch(2.0), branch(0.0 if noise_b else 2.0)], dim=1)
+    probs = torch.stack([1 - p, p], dim=2)
+    model = FusionClassifier(
+        ["small_cnn", "small_cnn"],
+        num_classes=2,
+        fusion={"name": "average", "weights": "learned"},
+        image_size=16,
+        optimizer=functools.partial(torch.optim.SGD, lr=1e-2),
+    )
+
+    def predictions(model, dm) -> Predictions:  # what the model's current weights make of the branch outputs
+        return Predictions(probs.log(), probs, model.fusion(probs, [])[0], labels, tuple(model.keys))
+
+    monkeypatch.setattr(fusion_phase, "_val", predictions)
+    params = model.fusion.fit(probs, labels, names=model.keys)
+    model.hparams.fusion_fitted_on = "holdout"
+    learned = model.fusion.weights.clone()
+    logger = _Logger()
+    cfg = OmegaConf.create({"metrics": {"bootstrap": 200}})
+    val, fitted_on, logged = fusion_phase._prefer_equal(cfg, model, None, groups, logger, params)
+    metrics = logger.metrics
+    low, high = metrics["fusion/learned_val_auroc_ci_low"], metrics["fusion/learned_val_auroc_ci_high"]
+    assert low <= metrics["fusion/learned_val_auroc"] <= high
+    assert fitted_on == kept == model.hparams.fusion_fitted_on
+    assert (metrics["fusion/equal_val_auroc"] >= low) == (kept == "none")
+    if kept == "none":
+        assert torch.equal(model.fusion.weights, torch.full((2,), 0.5)) and set(logged.values()) == {0.5}
+        assert logger.params["fusion/prefer_equal_choice"].startswith("equal weights: their validation AUROC")
+        # the equal average is fitted on nothing: its score is the plain validation AUROC
+        assert metrics["fusion/equal_val_auroc"] == pytest.approx(
+            float(compute_metrics(labels, probs.mean(1))["auroc"])
+        )
+    else:
+        assert torch.equal(model.fusion.weights, learned) and logged == params
+        assert logger.params["fusion/prefer_equal_choice"].startswith("learned weights: the equal ones' validation")
+    assert torch.equal(val.fused, model.fusion(probs, [])[0])  # the predictions of the weights kept

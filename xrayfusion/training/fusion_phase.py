@@ -92,7 +92,7 @@ def _warn_if_saturated(cfg: DictConfig, model: FusionClassifier, val: Prediction
         log.warning(
             "fitting %s on a saturated validation split (best branch %s val AUROC %.4f >= %s): it holds too few "
             "mistakes to learn from and the fit tends to copy that branch; fusion.cv=auto decides where to fit "
-            "it instead (docs/fusion.md)",
+            "it instead, fusion.prefer_equal=true whether to keep equal weights (docs/fusion.md)",
             cfg.fusion.name,
             found[0],
             found[1],
@@ -107,6 +107,74 @@ def _choose_cv(cfg: DictConfig, model: FusionClassifier, val: Predictions, logge
     tracking.log_params(logger, {"fusion/cv_rule": "auto", "fusion/cv_reason": reason})
     log.info("fusion.cv=auto: %s", reason)
     return n_splits
+
+
+def _score(
+    cfg: DictConfig, labels: torch.Tensor, fused: torch.Tensor, groups: Sequence[str], seed: int
+) -> tuple[float, tuple[float, float] | None]:
+    """The fused validation AUROC of held-out probabilities `fused`, and its 95% interval (None with
+    `metrics.bootstrap=0` or when undefined): how far validation can tell recipes apart, a bootstrap over the
+    validation patients (the split's unit) seeded by the split's seed, so runs on one split draw the same
+    resamples."""
+    auroc = float(compute_metrics(labels, fused)["auroc"])
+    n_resamples = int(cfg.metrics.get("bootstrap", 0) or 0)
+    if n_resamples <= 0:
+        return auroc, None
+    drawn = bootstrap_intervals(labels, fused, 0.5, n_resamples, seed, groups=groups)
+    return auroc, (drawn["auroc"] if all(map(math.isfinite, drawn["auroc"])) else None)
+
+
+def _prefer_equal(
+    cfg: DictConfig,
+    model: FusionClassifier,
+    dm: XRayDataModule,
+    groups: Sequence[str],
+    logger: MLFlowLogger,
+    params: dict[str, Any],
+) -> tuple[Predictions, str, dict[str, Any]]:
+    """fusion.prefer_equal: equal weights instead of the learned ones when validation cannot tell them apart, i.e.
+    the equal average's held-out validation AUROC is at least the lower end of the 95% interval of the learned
+    weights' (cross-fitted when they were fitted on validation). Returns the validation predictions of the weights
+    kept, where they were fitted (`none` for equal weights) and their params; logs both scores and the decision
+    (`fusion/prefer_equal_choice`)."""
+    seed = decisions.crossfit_seed(model)
+    learned_val = _val(model, dm)
+    learned, interval = _score(
+        cfg, learned_val.labels, decisions.held_out_fused(model, learned_val, groups, seed)[0], groups, seed
+    )
+    if interval is None:
+        log.warning("fusion.prefer_equal: the learned weights' score has no interval (metrics.bootstrap=0); kept them")
+        return learned_val, str(model.hparams.fusion_fitted_on), params
+    fitted_on, fitted = str(model.hparams.fusion_fitted_on), model.fusion.weights.clone()
+    model.fusion.weights.fill_(1.0 / len(model.keys))
+    model.hparams.fusion_fitted_on = "none"
+    equal_val = _val(model, dm)
+    equal = float(
+        compute_metrics(equal_val.labels, decisions.held_out_fused(model, equal_val, groups, seed)[0])["auroc"]
+    )
+    logger.log_metrics(
+        {
+            "fusion/learned_val_auroc": learned,
+            "fusion/learned_val_auroc_ci_low": interval[0],
+            "fusion/learned_val_auroc_ci_high": interval[1],
+            "fusion/equal_val_auroc": equal,
+        }
+    )
+    keep_equal = equal >= interval[0]
+    verdict = (
+        f"equal weights: their validation AUROC {equal:.5f} is not below the 95% interval of the learned weights' "
+        f"({learned:.5f} [{interval[0]:.5f}, {interval[1]:.5f}])"
+        if keep_equal
+        else f"learned weights: the equal ones' validation AUROC {equal:.5f} lies below the 95% interval of theirs "
+        f"({learned:.5f} [{interval[0]:.5f}, {interval[1]:.5f}])"
+    )
+    log.info("fusion.prefer_equal: %s (learned %s)", verdict, params)
+    tracking.log_params(logger, {"fusion/prefer_equal_choice": verdict})
+    if keep_equal:
+        return equal_val, "none", model.fusion.weight_params(model.keys)
+    model.fusion.weights.copy_(fitted)
+    model.hparams.fusion_fitted_on = fitted_on
+    return learned_val, fitted_on, params
 
 
 class FusionOutcome(NamedTuple):
@@ -159,14 +227,16 @@ def fit_fusion(
         params = model.fusion.fit(probs, labels, names=model.keys)
         fitted_on = "holdout" if n_splits is None else f"oof_cv{n_splits}"
         model.hparams.fusion_fitted_on = fitted_on  # stored: evaluate's threshold rules need it
-        tracking.log_params(logger, {"fusion/fitted_on": fitted_on})
-        tracking.log_params(logger, params)
         log.info("fusion fitted on %d held-out predictions: %s", len(labels), params)
         path = write_predictions(
             out_dir / "oof_predictions.csv", probs, labels, folds, held.names, held.groups, model.keys, dm.class_names
         )
         tracking.log_artifact(logger, path)
         val = None  # the fused probabilities changed
+        if cfg.fusion.get("prefer_equal", False):
+            val, fitted_on, params = _prefer_equal(cfg, model, dm, source.val.groups, logger, params)
+        tracking.log_params(logger, {"fusion/fitted_on": fitted_on})
+        tracking.log_params(logger, params)
     val = val or _val(model, dm)
     # the fused validation predictions no fit of the fusion has seen: for the threshold rule and the final score
     seed = decisions.crossfit_seed(model)
@@ -185,14 +255,7 @@ def fit_fusion(
     )
     # the final fused model's validation AUROC on predictions its fit has not seen (best/val/fused/auroc is the
     # best epoch's, before the fusion was fitted): what a recipe with a fitted fusion should be compared on
-    val_auroc = float(compute_metrics(val.labels, held_out[0])["auroc"])
-    # how far validation can tell recipes apart: a bootstrap over the validation patients (the split's unit),
-    # seeded by the split's seed, so runs on the same split draw the same resamples
-    n_resamples = int(cfg.metrics.get("bootstrap", 0) or 0)
-    interval = None
-    if n_resamples > 0:
-        drawn = bootstrap_intervals(val.labels, held_out[0], 0.5, n_resamples, seed, groups=source.val.groups)
-        interval = drawn["auroc"] if all(map(math.isfinite, drawn["auroc"])) else None
+    val_auroc, interval = _score(cfg, val.labels, held_out[0], source.val.groups, seed)
     logger.log_metrics({FUSED_VAL_AUROC: val_auroc})
     if interval:
         logger.log_metrics({f"{FUSED_VAL_AUROC}_ci_low": interval[0], f"{FUSED_VAL_AUROC}_ci_high": interval[1]})
