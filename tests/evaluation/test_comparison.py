@@ -113,7 +113,9 @@ def test_runs_validation_cannot_tell_apart_are_named(tmp_path, tracking_uri: str
     client = mlflow.MlflowClient(tracking_uri)
     exp = client.create_experiment("xrayfusion", artifact_location=(tmp_path / "artifacts").as_uri())
 
-    def log_run(name: str, score: float, interval=None, source="fusion/val_auroc", data="k", fit=None, folds=None):
+    def log_run(
+        name: str, score: float, interval=None, source="fusion/val_auroc", data="k", fit=None, folds=None
+    ) -> str:
         run_id = client.create_run(exp, run_name=name, tags={"data": data}).info.run_id
         client.log_metric(run_id, "selection/score", score)
         for metric, seconds in (("time/fit_seconds", fit), ("time/crossfit_seconds", folds)):
@@ -123,9 +125,10 @@ def test_runs_validation_cannot_tell_apart_are_named(tmp_path, tracking_uri: str
             client.log_metric(run_id, f"selection/score_ci_{suffix}", value)
         client.log_param(run_id, "selection/source", source)
         client.log_metric(run_id, "test/fused/auroc", 0.9)
+        return run_id
 
     log_run("leader", 0.9994, (0.9983, 0.9999), fit=1600)
-    log_run("close", 0.9986, (0.9970, 0.9996), fit=1100, folds=200)  # its cost: fit + cross-fit folds
+    close_id = log_run("close", 0.9986, (0.9970, 0.9996), fit=1100, folds=200)  # its cost: fit + cross-fit folds
     log_run("far", 0.9900, (0.985, 0.994), fit=50)  # the cheapest, but validation tells it apart: not named
     log_run("no_interval", 0.9990, fit=1400)  # logged before intervals: inside the leader's, so named too
     log_run("other_data", 0.9990, (0.998, 1.0), data="other")  # another validation set: does not compare
@@ -137,8 +140,10 @@ def test_runs_validation_cannot_tell_apart_are_named(tmp_path, tracking_uri: str
     assert line is not None and line.startswith("validation cannot tell leader (") and "[0.9983, 0.9999]" in line
     assert "close (" in line and "0.9986" in line and "no_interval (" in line
     assert "far" not in line and "other_data" not in line
-    assert line.endswith("the quickest of them to train is close (" + line.split("is close (")[1])
-    assert "1300 s against 1600 s): prefer it while validation cannot rank them" in line
+    assert line.endswith(
+        f"; the quickest of them to train is close ({close_id[:8]}, 1300 s against 1600 s): prefer it "
+        "while validation cannot rank them"
+    )
     costs = dict(zip(frame["run_name"], frame["train_seconds"].fillna(-1), strict=True))
     assert costs == {"leader": 1600, "close": 1300, "far": 50, "no_interval": 1400, "other_data": -1}  # no fit time
     assert "train_seconds" in table.splitlines()[0]

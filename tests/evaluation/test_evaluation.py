@@ -264,3 +264,26 @@ def test_patients_are_resampled_whole_and_images_as_before() -> None:
     labels, probs = random_predictions(30, seed=1)
     grouped = metrics.bootstrap_intervals(labels, probs, 0.5, 200, seed=3, groups=groups)
     assert grouped != metrics.bootstrap_intervals(labels, probs, 0.5, 200, seed=3)
+
+
+def test_paired_difference_interval_scores_both_models_on_the_same_resamples() -> None:
+    labels, good = random_predictions(120, seed=4)
+    groups = [f"p{i // 2}" for i in range(120)]
+    assert metrics.paired_difference_interval(labels, good, good, "auroc", 200, seed=5, groups=groups) == (0.0, 0.0)
+    # the same model plus a little noise: correlated predictions, so the paired interval of the difference is far
+    # narrower than the models' own intervals
+    noisy = good + 0.05 * torch.randn(good.shape, generator=torch.Generator().manual_seed(0))
+    noisy = (noisy.clamp(1e-4, 1) / noisy.clamp(1e-4, 1).sum(1, keepdim=True)).float()
+    low, high = metrics.paired_difference_interval(labels, good, noisy, "auroc", 500, seed=5, groups=groups)
+    own_a = metrics.bootstrap_intervals(labels, good, 0.5, 500, seed=5, groups=groups)["auroc"]
+    assert high - low < (own_a[1] - own_a[0]) / 2
+    # by hand: each resample's AUROC of a minus that of b, the same resamples for both
+    counts = metrics.resample_counts(120, 500, seed=5, groups=groups)
+    diff = (
+        metrics.resampled_binary_metrics(labels, good, 0.5, counts)["auroc"]
+        - metrics.resampled_binary_metrics(labels, noisy, 0.5, counts)["auroc"]
+    )
+    assert (low, high) == pytest.approx(tuple(np.quantile(diff, [0.025, 0.975])))
+    # a model against its reverse: clearly better, the whole interval above 0
+    reverse = good.flip(1)
+    assert metrics.paired_difference_interval(labels, good, reverse, "auroc", 200, seed=5, groups=groups)[0] > 0

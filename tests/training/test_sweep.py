@@ -103,6 +103,10 @@ def test_summary_table_ranks_on_the_selection_score_not_the_pre_fit_epoch() -> N
     }
     table = sweep.summary_table(runs.assign(**interval), "val/fused/auroc", "max")
     assert list(table.columns)[5:8] == ["selection/score", "selection/score_ci_low", "selection/score_ci_high"]
+    # what each run's training cost: the fit, and the cross-fit folds' trainings when a run had them
+    cost = {"metrics.time/fit_seconds": [100.0, 50.0, np.nan], "metrics.time/crossfit_seconds": [np.nan, 400.0, np.nan]}
+    table = sweep.summary_table(runs.assign(**cost), "val/fused/auroc", "max")
+    assert list(table.columns)[-2:] == ["time/fit_seconds", "time/crossfit_seconds"]
 
 
 @pytest.mark.parametrize(

@@ -195,8 +195,8 @@ def validation_ties(frame: pd.DataFrame) -> str | None:
     the best run's own (patients resampled), not one of paired differences between runs: a tie it reports is
     a lack of evidence on validation, not proof that the runs are equal. When one of the tied runs trained in
     less time than the best run (`train_seconds`), the line names the quickest: with validation unable to rank
-    them, the cheaper recipe is the one to prefer (the one-standard-error rule; docs/sweeps.md). `frame` is
-    `comparison_frame`'s."""
+    them, the cheaper recipe is the one to prefer (in the spirit of the one-standard-error rule; docs/sweeps.md).
+    `frame` is `comparison_frame`'s."""
     low, high, source = f"{SELECTION}_ci_low", f"{SELECTION}_ci_high", f"{SELECTION}_source"
     if source not in frame:
         return None

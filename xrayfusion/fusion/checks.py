@@ -35,14 +35,9 @@ def validate_fusion(cfg: Mapping[str, Any], n_branches: int) -> None:
                 "fusion.auto_cv.folds=0 (equal weights when validation is saturated) needs fusion=average "
                 "fusion.weights=learned; a stacking meta-learner must be fitted: use fusion.auto_cv.folds=5"
             )
-    prefer_equal = fusion.get("prefer_equal", False)
-    if not isinstance(prefer_equal, bool):
-        raise ConfigError(f"fusion.prefer_equal={prefer_equal!r} must be true or false")
-    if prefer_equal and not learned:
-        raise ConfigError(
-            "fusion.prefer_equal=true chooses between learned and equal weights; it needs fusion=average "
-            "fusion.weights=learned (or drop fusion.prefer_equal)"
-        )
+    # chooses between learned and equal weights: nothing to choose (ignored) unless weights are learned
+    if not isinstance(fusion.get("prefer_equal", False), bool):
+        raise ConfigError(f"fusion.prefer_equal={fusion.get('prefer_equal')!r} must be true or false")
     if not isinstance(fusion.get("calibrate", False), bool):
         raise ConfigError(f"fusion.calibrate={fusion.get('calibrate')!r} must be true or false")
     thresholds.parse_rule(cfg.get("metrics", {}).get("threshold", 0.5))

@@ -27,7 +27,12 @@ from xrayfusion.evaluation import decisions
 from xrayfusion.evaluation.diversity import diversity_metrics
 from xrayfusion.evaluation.inference import Predictions, predict
 from xrayfusion.evaluation.loading import trained_thresholds
-from xrayfusion.evaluation.metrics import bootstrap_intervals, branch_aurocs, compute_metrics
+from xrayfusion.evaluation.metrics import (
+    bootstrap_intervals,
+    branch_aurocs,
+    compute_metrics,
+    paired_difference_interval,
+)
 from xrayfusion.fusion import calibration, crossfit
 from xrayfusion.models import FusionClassifier
 from xrayfusion.training.folds import fold_fit_predict
@@ -132,43 +137,47 @@ def _prefer_equal(
     logger: MLFlowLogger,
     params: dict[str, Any],
 ) -> tuple[Predictions, str, dict[str, Any]]:
-    """fusion.prefer_equal: equal weights instead of the learned ones when validation cannot tell them apart, i.e.
-    the equal average's held-out validation AUROC is at least the lower end of the 95% interval of the learned
-    weights' (cross-fitted when they were fitted on validation). Returns the validation predictions of the weights
-    kept, where they were fitted (`none` for equal weights) and their params; logs both scores and the decision
+    """fusion.prefer_equal: equal weights instead of the learned ones unless validation shows the learned ones
+    better. Both are scored on held-out validation predictions (the learned weights cross-fitted when they were
+    fitted on validation, the equal average fitted on nothing) and the learned weights stay only when the 95%
+    paired bootstrap interval (the validation patients resampled) of learned-minus-equal AUROC lies above 0;
+    without an interval they stay too. Returns the validation predictions of the weights kept, where they were
+    fitted (`none` for equal weights) and their params; logs both scores, the interval and the decision
     (`fusion/prefer_equal_choice`)."""
     seed = decisions.crossfit_seed(model)
-    learned_val = _val(model, dm)
-    learned, interval = _score(
-        cfg, learned_val.labels, decisions.held_out_fused(model, learned_val, groups, seed)[0], groups, seed
-    )
-    if interval is None:
-        log.warning("fusion.prefer_equal: the learned weights' score has no interval (metrics.bootstrap=0); kept them")
-        return learned_val, str(model.hparams.fusion_fitted_on), params
     fitted_on, fitted = str(model.hparams.fusion_fitted_on), model.fusion.weights.clone()
+    learned_val = _val(model, dm)
+    learned_fused = decisions.held_out_fused(model, learned_val, groups, seed)[0]
     model.fusion.weights.fill_(1.0 / len(model.keys))
     model.hparams.fusion_fitted_on = "none"
     equal_val = _val(model, dm)
-    equal = float(
-        compute_metrics(equal_val.labels, decisions.held_out_fused(model, equal_val, groups, seed)[0])["auroc"]
+    equal_fused = decisions.held_out_fused(model, equal_val, groups, seed)[0]
+    labels = learned_val.labels
+    learned = float(compute_metrics(labels, learned_fused)["auroc"])
+    equal = float(compute_metrics(labels, equal_fused)["auroc"])
+    n_resamples = int(cfg.metrics.get("bootstrap", 0) or 0)
+    low, high = (
+        paired_difference_interval(labels, learned_fused, equal_fused, "auroc", n_resamples, seed, groups=groups)
+        if n_resamples > 0
+        else (math.nan, math.nan)
     )
-    logger.log_metrics(
-        {
-            "fusion/learned_val_auroc": learned,
-            "fusion/learned_val_auroc_ci_low": interval[0],
-            "fusion/learned_val_auroc_ci_high": interval[1],
-            "fusion/equal_val_auroc": equal,
-        }
-    )
-    keep_equal = equal >= interval[0]
-    verdict = (
-        f"equal weights: their validation AUROC {equal:.5f} is not below the 95% interval of the learned weights' "
-        f"({learned:.5f} [{interval[0]:.5f}, {interval[1]:.5f}])"
-        if keep_equal
-        else f"learned weights: the equal ones' validation AUROC {equal:.5f} lies below the 95% interval of theirs "
-        f"({learned:.5f} [{interval[0]:.5f}, {interval[1]:.5f}])"
-    )
-    log.info("fusion.prefer_equal: %s (learned %s)", verdict, params)
+    scores = f"AUROC {learned:.5f} learned vs {equal:.5f} equal"
+    metrics = {"fusion/learned_val_auroc": learned, "fusion/equal_val_auroc": equal}
+    if not (math.isfinite(low) and math.isfinite(high)):
+        verdict = f"learned weights: no interval to compare them with (metrics.bootstrap=0, or undefined); {scores}"
+        log.warning("fusion.prefer_equal: %s", verdict)
+        keep_equal = False
+    else:
+        metrics |= {"fusion/learned_minus_equal_ci_low": low, "fusion/learned_minus_equal_ci_high": high}
+        keep_equal = low <= 0.0
+        interval = f"learned minus equal, 95% paired interval [{low:.5f}, {high:.5f}]"
+        verdict = (
+            f"equal weights: validation cannot tell the learned ones better ({scores}; {interval})"
+            if keep_equal
+            else f"learned weights: better than equal ones on validation ({scores}; {interval})"
+        )
+        log.info("fusion.prefer_equal: %s (learned %s)", verdict, params)
+    logger.log_metrics(metrics)
     tracking.log_params(logger, {"fusion/prefer_equal_choice": verdict})
     if keep_equal:
         return equal_val, "none", model.fusion.weight_params(model.keys)
@@ -233,7 +242,7 @@ def fit_fusion(
         )
         tracking.log_artifact(logger, path)
         val = None  # the fused probabilities changed
-        if cfg.fusion.get("prefer_equal", False):
+        if cfg.fusion.get("prefer_equal", False) and model.fusion.name == "average":  # learned weights
             val, fitted_on, params = _prefer_equal(cfg, model, dm, source.val.groups, logger, params)
         tracking.log_params(logger, {"fusion/fitted_on": fitted_on})
         tracking.log_params(logger, params)

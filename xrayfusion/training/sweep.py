@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from xrayfusion.core.names import FIT_SECONDS, FUSED_VAL_AUROC, SELECTION_CI, SELECTION_METRIC
+from xrayfusion.core.names import CROSSFIT_SECONDS, FIT_SECONDS, FUSED_VAL_AUROC, SELECTION_CI, SELECTION_METRIC
 
 if TYPE_CHECKING:  # mlflow and pandas load lazily: Hydra builds this callback on every command
     import pandas as pd
@@ -25,7 +25,7 @@ ENV_SWEEP_ID = "XRAYFUSION_SWEEP_ID"
 ENV_SWEEP_JOB = "XRAYFUSION_SWEEP_JOB"
 SWEEP_TAG = "sweep_id"
 BEST_PREFIX = "best/"
-SUMMARY_METRICS = ("test/fused/acc", "test/fused/f1", "test/fused/auroc", FIT_SECONDS)
+SUMMARY_METRICS = ("test/fused/acc", "test/fused/f1", "test/fused/auroc", FIT_SECONDS, CROSSFIT_SECONDS)
 # params that differ between jobs without being a choice of the sweep
 _NOISE_PARAMS = ("paths/", "logger/", "hydra/")
 
