@@ -56,10 +56,13 @@ def main(cfg: DictConfig) -> None:
                 )
             else:
                 curves[f"{run.info.run_name} ({run.info.run_id[:6]})"] = preds
-        fig = comparison.roc_figure(curves)
-        fig.savefig(cfg.roc_png, dpi=110)
-        plt.close(fig)
-        log.info("wrote %s (%d runs)", cfg.roc_png, len(curves))
+        if not curves:  # an empty plot would say nothing
+            log.warning("no ROC plot: no compared run has %s", comparison.predictions_artifact(cfg.prefix))
+        else:
+            fig = comparison.roc_figure(curves)
+            fig.savefig(cfg.roc_png, dpi=110)
+            plt.close(fig)
+            log.info("wrote %s (%d runs)", cfg.roc_png, len(curves))
 
 
 if __name__ == "__main__":

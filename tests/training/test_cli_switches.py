@@ -70,3 +70,8 @@ def test_ema_mixup_clahe_run_validates_what_it_saves_and_logs_branch_diversity(
     assert "mean_disagreement" in result.stdout and "mean_error_corr" in result.stdout
     assert f"{logged['test/diversity/mean_disagreement']:.3f}" in result.stdout
     assert not re.search(r"\|\s*diversity\s*\|", result.stdout)
+    # no run has validation predictions to plot: no empty ROC plot, one warning line saying why
+    result = cli_in_process(["prefix=val", "csv=null", "roc_png=val_roc.png", "bar_png=null"], module="compare")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "no ROC plot: no compared run has val/predictions.csv" in result.stdout + result.stderr
+    assert not Path("val_roc.png").exists()
