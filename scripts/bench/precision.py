@@ -36,14 +36,16 @@ def run(args: argparse.Namespace) -> None:
     channels_last = args.channels_last if args.channels_last is not None else True
     print(
         f"{size} px, batch {args.batch_size}, channels_last {channels_last}; per branch: forward + loss + backward, "
-        f"2 warm-up steps per precision, then the fastest of {args.steps} alternating float32/bf16 pairs",
+        f"2 warm-up steps per precision, then {args.steps} back-to-back float32/bf16 pairs, alternating order; "
+        "medians, and the speed-up as the median pair's ratio (what auto decides on)",
         flush=True,
     )
     torch.manual_seed(args.seed)
     model = FusionClassifier(list(args.branches), 2, {"name": "average"}, image_size=size, channels_last=channels_last)
     timings = time_branches(model, args.batch_size, size, device, steps=args.steps)
-    print("\n| branch | float32 ms/step | bf16 ms/step | bf16 speed-up |")
-    print("|---|---|---|---|")
+    print("\n| branch | float32 ms/step | bf16 ms/step | bf16 speed-up | pair ratios |")
+    print("|---|---|---|---|---|")
     for t in timings:
-        print(f"| {t.branch} | {1000 * t.fp32_s:.0f} | {1000 * t.bf16_s:.0f} | {t.speedup:.2f}x |")
+        ratios = ", ".join(f"{r:.2f}" for r in t.pair_speedups)
+        print(f"| {t.branch} | {1000 * t.fp32_s:.0f} | {1000 * t.bf16_s:.0f} | {t.speedup:.2f}x | {ratios} |")
     print(f"\n>= 1.1x faster in bf16 here: model.bf16_branches=[{','.join(choose_bf16_branches(timings))}]")

@@ -194,6 +194,22 @@ def test_choose_bf16_branches_keeps_only_clear_gains() -> None:
     assert choose_bf16_branches(timings, min_speedup=1.0) == ["a", "b"]
 
 
+def test_speedup_is_the_median_pair_ratio_so_one_outlier_cannot_decide(monkeypatch) -> None:
+    from xrayfusion.models import precision
+    from xrayfusion.models.precision import BranchTiming
+
+    # a branch 1.2x slower in bf16, and one bf16 step that ran unusually fast (warm-up steps first)
+    steps = iter([1.0, 1.2, 1.0, 1.2] + [1.0, 0.85, 1.2, 1.0, 1.0, 1.2, 1.2, 1.0, 1.0, 1.2])
+    monkeypatch.setattr(precision, "_step_seconds", lambda branch, x, y, bf16: next(steps))
+    fp32, bf16 = precision._paired_seconds(torch.nn.Identity(), torch.zeros(1), torch.zeros(1), steps=5)
+    assert fp32 == [1.0] * 5 and bf16 == [0.85, 1.2, 1.2, 1.2, 1.2]  # alternating order: f b, b f, f b, ...
+    timing = precision._timing("lite0", fp32, bf16)
+    assert (timing.fp32_s, timing.bf16_s, len(timing.pair_speedups)) == (1.0, 1.2, 5)
+    assert timing.speedup == pytest.approx(1.0 / 1.2) and precision.choose_bf16_branches([timing]) == []
+    # the fastest step of each, what auto compared before, would have put the branch in bf16
+    assert precision.choose_bf16_branches([BranchTiming("lite0", min(fp32), min(bf16))]) == ["lite0"]
+
+
 def test_autotune_times_copies_and_sets_the_choice(monkeypatch) -> None:
     from xrayfusion.models import precision
 
@@ -218,7 +234,7 @@ def test_autotune_times_each_branch_at_its_own_size(monkeypatch) -> None:
 
     def paired(branch, x, y, steps):
         seen[len(seen)] = tuple(x.shape[-2:])
-        return 1.0, 0.5
+        return [1.0], [0.5]
 
     monkeypatch.setattr(precision, "_paired_seconds", paired)
     model = _model(branch_sizes={"small_cnn": 16})

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import statistics
 import time
 from dataclasses import dataclass
 
@@ -24,14 +25,20 @@ AUTO = "auto"
 
 @dataclass(frozen=True)
 class BranchTiming:
-    """Seconds of one training step (forward, loss, backward) of one branch in each precision."""
+    """Seconds of one training step (forward, loss, backward) of one branch in each precision (the median over
+    the timed steps) and, when timed in pairs, each pair's float32/bf16 ratio."""
 
     branch: str
     fp32_s: float
     bf16_s: float
+    pair_speedups: tuple[float, ...] = ()
 
     @property
     def speedup(self) -> float:
+        """The median of the pairs' ratios (each pair ran back to back, so a load spike from another process
+        slows both of its steps and leaves the ratio alone); without pairs, the ratio of the two times."""
+        if self.pair_speedups:
+            return statistics.median(self.pair_speedups)
         return self.fp32_s / self.bf16_s if self.bf16_s > 0 else float("nan")
 
 
@@ -50,25 +57,28 @@ def _step_seconds(branch: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, bf1
     return time.perf_counter() - started
 
 
-def _paired_seconds(branch: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int) -> tuple[float, float]:
-    """Fastest float32 and bf16 step after two warm-up steps of each (kernel selection and allocator caches
-    settle in the first steps), the two alternating so that a load spike from another process hits both (the
-    minimum is the least noisy estimate of a step's cost)."""
+def _paired_seconds(
+    branch: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int
+) -> tuple[list[float], list[float]]:
+    """`steps` float32 and bf16 step times, after two warm-up steps of each (kernel selection and allocator
+    caches settle in the first steps), timed in back-to-back pairs whose order alternates so that neither
+    precision always runs first."""
     for _ in range(2):
         _step_seconds(branch, x, y, False), _step_seconds(branch, x, y, True)
-    fp32, bf16 = float("inf"), float("inf")
+    fp32, bf16 = [], []
     for i in range(steps):
         for use_bf16 in (False, True) if i % 2 == 0 else (True, False):
-            seconds = _step_seconds(branch, x, y, use_bf16)
-            if use_bf16:
-                bf16 = min(bf16, seconds)
-            else:
-                fp32 = min(fp32, seconds)
+            (bf16 if use_bf16 else fp32).append(_step_seconds(branch, x, y, use_bf16))
     return fp32, bf16
 
 
+def _timing(name: str, fp32: list[float], bf16: list[float]) -> BranchTiming:
+    ratios = tuple(f / b for f, b in zip(fp32, bf16, strict=True) if b > 0)
+    return BranchTiming(name, statistics.median(fp32), statistics.median(bf16), ratios)
+
+
 def time_branches(
-    model: torch.nn.Module, batch_size: int, image_size: int, device: torch.device | str = "cpu", steps: int = 3
+    model: torch.nn.Module, batch_size: int, image_size: int, device: torch.device | str = "cpu", steps: int = 5
 ) -> list[BranchTiming]:
     """Time a training step of each branch of a FusionClassifier (on copies: the model is left untouched), on
     the input that branch trains on: `image_size` px images (the decode size) resized to its own size
@@ -84,13 +94,14 @@ def time_branches(
     for i, (name, key) in enumerate(zip(model.hparams.branches, model.keys, strict=True)):
         branch = torch.nn.Sequential(copy.deepcopy(model.backbones[key]), copy.deepcopy(model.heads[key]))
         branch.to(device).train()
-        timings.append(BranchTiming(str(name), *_paired_seconds(branch, inputs[i], y, steps)))
+        timings.append(_timing(str(name), *_paired_seconds(branch, inputs[i], y, steps)))
         del branch
     return timings
 
 
 def choose_bf16_branches(timings: list[BranchTiming], min_speedup: float = 1.1) -> list[str]:
-    """Branches whose bf16 step beats float32 by at least `min_speedup` (a margin against timing noise)."""
+    """Branches whose bf16 step beats float32 by at least `min_speedup` (a margin against timing noise), on the
+    median pair's ratio: one lucky bf16 step or one disturbed float32 step cannot decide it."""
     return [t.branch for t in timings if t.speedup >= min_speedup]
 
 
@@ -116,10 +127,11 @@ def autotune_bf16(
         chosen = choose_bf16_branches(timings, min_speedup)
     for t in timings:
         log.info(
-            "bf16 autotune %s: float32 %.0f ms, bf16 %.0f ms per step (%.2fx)",
+            "bf16 autotune %s: float32 %.0f ms, bf16 %.0f ms per step (median of %d; speed-up %.2fx, median pair)",
             t.branch,
             1000 * t.fp32_s,
             1000 * t.bf16_s,
+            len(t.pair_speedups),
             t.speedup,
         )
     log.info("model.bf16_branches=auto chose %s", chosen)
