@@ -18,7 +18,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--branches", nargs="+", default=["resnet18", "mobilenetv2_100", "efficientnet_lite0", "small_cnn"])
     p.add_argument("--image-size", type=int, default=None, help="default 64 on CPU, 224 on GPU")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--steps", type=int, default=5, help="alternating float32/bf16 pairs after the warm-up")
+    p.add_argument("--steps", type=int, default=9, help="alternating float32/bf16 pairs after the warm-up")
     p.add_argument("--channels-last", default=None, type=parse_bool)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)

@@ -78,7 +78,7 @@ def _timing(name: str, fp32: list[float], bf16: list[float]) -> BranchTiming:
 
 
 def time_branches(
-    model: torch.nn.Module, batch_size: int, image_size: int, device: torch.device | str = "cpu", steps: int = 5
+    model: torch.nn.Module, batch_size: int, image_size: int, device: torch.device | str = "cpu", steps: int = 9
 ) -> list[BranchTiming]:
     """Time a training step of each branch of a FusionClassifier (on copies: the model is left untouched), on
     the input that branch trains on: `image_size` px images (the decode size) resized to its own size
