@@ -35,8 +35,9 @@ class BranchTiming:
 
     @property
     def speedup(self) -> float:
-        """The median of the pairs' ratios (each pair ran back to back, so a load spike from another process
-        slows both of its steps and leaves the ratio alone); without pairs, the ratio of the two times."""
+        """The median of the pairs' float32/bf16 ratios (the two steps of a pair run back to back, and one pair
+        hit by a load spike or one unusually fast step cannot move the median); without pairs, the ratio of the
+        two times."""
         if self.pair_speedups:
             return statistics.median(self.pair_speedups)
         return self.fp32_s / self.bf16_s if self.bf16_s > 0 else float("nan")
