@@ -23,6 +23,9 @@ SWITCHES = {
     "cl+bf16auto": ["model.channels_last=true", "model.bf16_branches=auto"],
     "cl+compile": ["model.channels_last=true", "model.compile=true"],
     "cl+workers1": ["model.channels_last=true", "data.num_workers=1"],
+    # pretrained branches with their lower stages frozen (no backward through them); needs model.pretrained=true
+    "cl+trainable4": ["model.channels_last=true", "model.trainable_layers=4"],
+    "cl+trainable3": ["model.channels_last=true", "model.trainable_layers=3"],
 }
 
 

@@ -242,6 +242,29 @@ def test_autotune_times_each_branch_at_its_own_size(monkeypatch) -> None:
     assert seen == {0: (16, 16), 1: (32, 32)}  # small_cnn trains on 16 px, resnet18 on the decoded 32 px
 
 
+def test_autotune_times_the_step_the_run_trains_with_lower_stages_frozen(monkeypatch) -> None:
+    from xrayfusion.models import precision
+    from xrayfusion.models.backbones import backbone_stages
+
+    seen = {}
+
+    def paired(branch, x, y, steps):
+        stages = backbone_stages(branch[0])
+        trains = [all(p.requires_grad for m in stage for p in m.parameters(recurse=False)) for stage in stages]
+        torch.nn.functional.cross_entropy(branch(x), y).backward()
+        reached = [all(p.grad is not None for m in stage for p in m.parameters(recurse=False)) for stage in stages]
+        assert reached == trains  # the backward pass reaches exactly the stages that train
+        seen[len(seen)] = trains
+        return [1.0], [0.5]
+
+    monkeypatch.setattr(precision, "_paired_seconds", paired)
+    model = _model()
+    precision.time_branches(model, batch_size=2, image_size=32, trainable_layers={"resnet18": 2})
+    assert all(seen[0])  # small_cnn: not listed, every stage trains
+    assert seen[1] == [False] * (len(seen[1]) - 2) + [True, True]  # resnet18: its top two stages only
+    assert all(p.requires_grad for p in model.parameters())  # the copies were frozen, not the model
+
+
 def test_autotune_without_bf16_hardware_or_on_gpu_skips_timing(monkeypatch) -> None:
     from xrayfusion.models import precision
 

@@ -15,10 +15,10 @@ from torch.utils.data import DataLoader, TensorDataset
 from tests.conftest import SMALL_SYNTHETIC
 from xrayfusion.core.errors import ConfigError
 from xrayfusion.models import FusionClassifier
-from xrayfusion.models.backbones import create_backbone
+from xrayfusion.models.backbones import backbone_stages, create_backbone, freeze_below_top, top_stages
 from xrayfusion.models.pretrained import find_weights_file, resolve_weights
 from xrayfusion.training import config as config_checks
-from xrayfusion.training.finetuning import BackboneFreeze, backbone_stages, freeze_callbacks, top_stages
+from xrayfusion.training.finetuning import BackboneFreeze, freeze_callbacks, trained_top_stages
 
 IMAGENET_GREY_MEAN = sum((0.485, 0.456, 0.406)) / 3
 
@@ -269,6 +269,21 @@ def test_freeze_callbacks_from_config(weights_dir: Path) -> None:
     assert freeze_callbacks({"freeze_backbone_epochs": 0, "trainable_layers": None}, model) == []
     (callback,) = freeze_callbacks({"freeze_backbone_epochs": 2, "backbone_lr_scale": 0.1}, model)
     assert callback.freeze_epochs == 2 and callback.keys == ["efficientnet_lite0"]  # the scratch CNN trains
+    # what the bf16 timing (model.bf16_branches=auto) is told trains: only trainable_layers freezes for the whole run
+    assert trained_top_stages({"trainable_layers": 4}, model) == {"efficientnet_lite0": 4}
+    assert trained_top_stages({"freeze_backbone_epochs": 2, "trainable_layers": None}, model) == {}
+
+
+def test_the_trained_stages_are_what_backbone_freeze_trains() -> None:
+    """freeze_below_top (the bf16 timing's copy) leaves trainable exactly what BackboneFreeze unfreezes."""
+    recorder = Recorder()
+    model = _fit([BackboneFreeze(trainable_layers=2), recorder])
+    trained = {n for n, p in model.backbones.named_parameters() if p.requires_grad}
+    copy = create_backbone("efficientnet_lite0", in_chans=1)
+    freeze_below_top(copy, 2)
+    assert trained and {f"efficientnet_lite0.{n}" for n, p in copy.named_parameters() if p.requires_grad} == trained
+    frozen_bn = [m for m in copy.modules() if isinstance(m, torch.nn.BatchNorm2d) and not m.weight.requires_grad]
+    assert frozen_bn and not any(m.training for m in frozen_bn)
 
 
 @pytest.mark.slow

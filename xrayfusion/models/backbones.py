@@ -121,3 +121,42 @@ def check_input_size(name: str, backbone: nn.Module, in_chans: int, size: int) -
         f"backbone {name!r} cannot take {size}x{size} px images (its down-sampling shrinks them to nothing); "
         f"{fix}, or drop {name} from model.branches."
     )
+
+
+def backbone_stages(backbone: nn.Module) -> list[list[nn.Module]]:
+    """Modules holding parameters, grouped by stage from input to output.
+
+    Stages are timm's coarse parameter groups (`group_matcher(coarse=True)`: stem, each block stage, head
+    conv); models without a group matcher (the project CNNs) use their top-level layers.
+    """
+    owners = {name: m for name, m in backbone.named_modules() if list(m.parameters(recurse=False))}
+    if hasattr(backbone, "group_matcher"):
+        groups = timm.models.group_parameters(backbone, backbone.group_matcher(coarse=True))
+        stage_of = {pname: i for i, (_, names) in enumerate(sorted(groups.items())) for pname in names}
+        stages: list[list[nn.Module]] = [[] for _ in groups]
+        for name, module in owners.items():
+            first = next(n for n, _ in module.named_parameters(recurse=False))
+            stages[stage_of[f"{name}.{first}" if name else first]].append(module)
+        return [s for s in stages if s]
+    layers = []
+    for child in backbone.children():
+        layers += list(child.children()) if isinstance(child, nn.Sequential) else [child]
+    return [[m] for m in layers if any(True for _ in m.parameters())]
+
+
+def top_stages(backbone: nn.Module, k: int | None) -> list[nn.Module]:
+    """The modules of the top `k` stages (all when k is None)."""
+    stages = backbone_stages(backbone)
+    chosen = stages if k is None else stages[len(stages) - k :] if k > 0 else []
+    return [m for stage in chosen for m in stage]
+
+
+def freeze_below_top(backbone: nn.Module, k: int) -> None:
+    """Freeze all but the top `k` stages of `backbone` in place, as a run with `model.trainable_layers=k` trains
+    it: the lower stages get no gradients and their BatchNorm layers run in eval mode."""
+    top = {id(p) for m in top_stages(backbone, k) for p in m.parameters(recurse=False)}
+    for p in backbone.parameters():
+        p.requires_grad_(id(p) in top)
+    for module in backbone.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.train(any(p.requires_grad for p in module.parameters()))

@@ -11,12 +11,14 @@ import copy
 import logging
 import statistics
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from xrayfusion.core.runtime import cpu_bf16_support
+from xrayfusion.models.backbones import freeze_below_top
 
 log = logging.getLogger(__name__)
 
@@ -79,11 +81,18 @@ def _timing(name: str, fp32: list[float], bf16: list[float]) -> BranchTiming:
 
 
 def time_branches(
-    model: torch.nn.Module, batch_size: int, image_size: int, device: torch.device | str = "cpu", steps: int = 9
+    model: torch.nn.Module,
+    batch_size: int,
+    image_size: int,
+    device: torch.device | str = "cpu",
+    steps: int = 9,
+    trainable_layers: Mapping[str, int] | None = None,
 ) -> list[BranchTiming]:
     """Time a training step of each branch of a FusionClassifier (on copies: the model is left untouched), on
     the input that branch trains on: `image_size` px images (the decode size) resized to its own size
-    (`model.branch_sizes`)."""
+    (`model.branch_sizes`), with the stages the run keeps frozen frozen: `trainable_layers` maps a branch key to
+    the number of top stages that train (`model.trainable_layers`), so no backward runs through the others."""
+    trainable_layers = dict(trainable_layers or {})
     device = torch.device(device)
     gen = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (batch_size, 1, image_size, image_size), dtype=torch.uint8, generator=gen)
@@ -95,6 +104,8 @@ def time_branches(
     for i, (name, key) in enumerate(zip(model.hparams.branches, model.keys, strict=True)):
         branch = torch.nn.Sequential(copy.deepcopy(model.backbones[key]), copy.deepcopy(model.heads[key]))
         branch.to(device).train()
+        if key in trainable_layers:
+            freeze_below_top(branch[0], trainable_layers[key])
         timings.append(_timing(str(name), *_paired_seconds(branch, inputs[i], y, steps)))
         del branch
     return timings
@@ -112,11 +123,12 @@ def autotune_bf16(
     image_size: int,
     on_gpu: bool = False,
     min_speedup: float = 1.1,
+    trainable_layers: Mapping[str, int] | None = None,
 ) -> tuple[list[str], list[BranchTiming]]:
     """Resolve `bf16_branches=auto` on `model` in place; returns the chosen branches and the timings.
 
     GPUs with bf16 tensor cores: every branch; other GPUs and CPUs without bf16 instructions: none. Otherwise each
-    branch is timed.
+    branch is timed, training as the run trains it (`trainable_layers`: see `time_branches`).
     """
     if on_gpu:  # bf16 tensor cores (Ampere and later); older GPUs only emulate bf16
         bf16_gpu = torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
@@ -124,7 +136,7 @@ def autotune_bf16(
     elif cpu_bf16_support() == "none":
         chosen, timings = [], []
     else:
-        timings = time_branches(model, batch_size, image_size)
+        timings = time_branches(model, batch_size, image_size, trainable_layers=trainable_layers)
         chosen = choose_bf16_branches(timings, min_speedup)
     for t in timings:
         log.info(

@@ -26,7 +26,7 @@ from xrayfusion.models.module import autocast_of
 from xrayfusion.models.tta import DEFAULT_SCALES, parse_scales
 from xrayfusion.training.callbacks import EpochHistory, FiniteLossGuard, ema_callbacks
 from xrayfusion.training.checkpoints import AtomicCheckpointIO, load_checkpoint
-from xrayfusion.training.finetuning import freeze_callbacks
+from xrayfusion.training.finetuning import freeze_callbacks, trained_top_stages
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +130,13 @@ def _resolve_auto_bf16(cfg: DictConfig, model: FusionClassifier) -> None:
         )
         model.set_bf16_branches([])
         return
-    precision.autotune_bf16(model, int(cfg.data.batch_size), int(cfg.data.image_size), on_gpu=gpu)
+    precision.autotune_bf16(
+        model,
+        int(cfg.data.batch_size),
+        int(cfg.data.image_size),
+        on_gpu=gpu,
+        trainable_layers=trained_top_stages(cfg.model, model),
+    )
 
 
 def bf16_param(cfg: DictConfig, model: FusionClassifier) -> str:

@@ -7,43 +7,16 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pytorch_lightning as pl
-import timm
 from pytorch_lightning.callbacks import BaseFinetuning
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.optim import Optimizer
 
+from xrayfusion.models.backbones import top_stages
+
 log = logging.getLogger(__name__)
 
 _SCALED_KEYS = ("lr", "initial_lr", "max_lr", "min_lr")  # per-group values that schedulers keep
-
-
-def backbone_stages(backbone: nn.Module) -> list[list[nn.Module]]:
-    """Modules holding parameters, grouped by stage from input to output.
-
-    Stages are timm's coarse parameter groups (`group_matcher(coarse=True)`: stem, each block stage, head
-    conv); models without a group matcher (the project CNNs) use their top-level layers.
-    """
-    owners = {name: m for name, m in backbone.named_modules() if list(m.parameters(recurse=False))}
-    if hasattr(backbone, "group_matcher"):
-        groups = timm.models.group_parameters(backbone, backbone.group_matcher(coarse=True))
-        stage_of = {pname: i for i, (_, names) in enumerate(sorted(groups.items())) for pname in names}
-        stages: list[list[nn.Module]] = [[] for _ in groups]
-        for name, module in owners.items():
-            first = next(n for n, _ in module.named_parameters(recurse=False))
-            stages[stage_of[f"{name}.{first}" if name else first]].append(module)
-        return [s for s in stages if s]
-    layers = []
-    for child in backbone.children():
-        layers += list(child.children()) if isinstance(child, nn.Sequential) else [child]
-    return [[m] for m in layers if any(True for _ in m.parameters())]
-
-
-def top_stages(backbone: nn.Module, k: int | None) -> list[nn.Module]:
-    """The modules of the top `k` stages (all when k is None)."""
-    stages = backbone_stages(backbone)
-    chosen = stages if k is None else stages[len(stages) - k :] if k > 0 else []
-    return [m for stage in chosen for m in stage]
 
 
 class BackboneFreeze(BaseFinetuning):
@@ -122,10 +95,22 @@ def freeze_callbacks(model_cfg: Mapping[str, Any], model: pl.LightningModule) ->
     layers = model_cfg.get("trainable_layers")
     if not epochs and layers is None:
         return []
-    keys = [k for k, source in model.weights_sources.items() if source] or list(model.weights_sources)
+    keys = _frozen_keys(model)
     scale = float(model_cfg.get("backbone_lr_scale", 0.1))
     log.info("freezing backbones %s for %d epoch(s), trainable_layers=%s, lr x %g", keys, epochs, layers, scale)
     return [BackboneFreeze(epochs, None if layers is None else int(layers), scale, keys)]
+
+
+def _frozen_keys(model: pl.LightningModule) -> list[str]:
+    """The branches freezing applies to: those that loaded pretrained weights (all of them when none did)."""
+    return [k for k, source in model.weights_sources.items() if source] or list(model.weights_sources)
+
+
+def trained_top_stages(model_cfg: Mapping[str, Any], model: pl.LightningModule) -> dict[str, int]:
+    """{branch key: K} for the branches that train only their top K stages for the whole run
+    (`model.trainable_layers=K`): what a timing of their training step (`model.bf16_branches=auto`) should time."""
+    layers = model_cfg.get("trainable_layers")
+    return {} if layers is None else {key: int(layers) for key in _frozen_keys(model)}
 
 
 def frozen_for_whole_run(model_cfg: Mapping[str, Any], model: pl.LightningModule, max_epochs: int | None) -> list[str]:
