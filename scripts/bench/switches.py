@@ -23,10 +23,9 @@ SWITCHES = {
     "cl+bf16auto": ["model.channels_last=true", "model.bf16_branches=auto"],
     "cl+compile": ["model.channels_last=true", "model.compile=true"],
     "cl+workers1": ["model.channels_last=true", "data.num_workers=1"],
-    # pretrained branches with their lower stages frozen (no backward through them); needs model.pretrained=true
-    "cl+trainable4": ["model.channels_last=true", "model.trainable_layers=4"],
-    "cl+trainable3": ["model.channels_last=true", "model.trainable_layers=3"],
 }
+# pretrained branches training only their top K stages (no backward through the others); needs model.pretrained=true
+SWITCHES.update({f"cl+trainable{k}": ["model.channels_last=true", f"model.trainable_layers={k}"] for k in (6, 5, 4, 3)})
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
