@@ -44,6 +44,7 @@ CONFIG_NAMES = {
 }
 
 COMMAND = re.compile(r"(?:^|\s)(?:\S*/)?python3?\s+-m\s+xrayfusion\.([\w.]+)(.*)$")
+BENCHMARK = re.compile(r"(?:^|\s)(?:\S*/)?python3?\s+scripts/benchmark\.py(.*)$")
 FENCE = re.compile(r"^\s*(```|~~~)")
 PLACEHOLDER = re.compile(r"<[^<>\s][^<>]*>")  # <id>, <run id>, <folder>: one dummy value each
 SHELL_OPERATORS = {"|", "||", "&&", ";", ">", ">>", "&"}  # a documented command ends at the first of these
@@ -106,6 +107,17 @@ def documented_commands() -> list[Command]:
             match = COMMAND.search(line)
             if match:
                 found.append(Command(path, number, line.strip(), match.group(1), match.group(2)))
+    return found
+
+
+def documented_benchmark_commands() -> list[tuple[str, str]]:
+    """(where, arguments) of every documented `python scripts/benchmark.py ...` command."""
+    found = []
+    for path in DOC_FILES:
+        for number, line in fenced_lines(path):
+            match = None if line.lstrip().startswith("#") else BENCHMARK.search(line)
+            if match:
+                found.append((f"{path.relative_to(REPO)}:{number}", match.group(1)))
     return found
 
 
@@ -268,3 +280,26 @@ def test_links_between_pages_resolve(path: Path) -> None:
         if not linked.exists() or (anchor and anchor not in anchors(linked)):
             broken.append(target)
     assert not broken, f"{path.relative_to(REPO)}: broken links {broken}"
+
+
+def test_documented_benchmark_commands_parse(monkeypatch: pytest.MonkeyPatch, capsys, tmp_path: Path) -> None:
+    """Every documented `python scripts/benchmark.py ...` command is one the script accepts: its subcommand,
+    flags and choices (`--settings`), and the config overrides after them compose (nothing runs)."""
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))  # how the script finds its scripts/bench modules
+    import benchmark
+
+    commands = documented_benchmark_commands()
+    assert len(commands) >= 20
+    for where, args in commands:
+        tokens = shlex.split(PLACEHOLDER.sub("dummy", args), comments=True)
+        ends = [i for i, token in enumerate(tokens) if token in SHELL_OPERATORS]
+        tokens = tokens[: ends[0]] if ends else tokens
+        try:
+            parsed = benchmark.build_parser().parse_args(tokens)
+        except SystemExit:
+            pytest.fail(f"{where}: documented benchmark command fails: {args}\n{capsys.readouterr().err}")
+        if getattr(parsed, "overrides", None):  # the config overrides the script passes on to every contender
+            try:
+                compose_job("train", list(parsed.overrides), tmp_path)
+            except Exception as err:
+                pytest.fail(f"{where}: documented benchmark overrides do not compose: {args}\n{err!r}")
