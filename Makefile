@@ -34,7 +34,7 @@ test: install browser
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check xrayfusion tests scripts
 	$(VENV)/bin/lint-imports
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal --durations=15
 
 lint: install
 	$(PY) -m ruff check .

@@ -27,13 +27,22 @@ def _cfg(*overrides: str) -> tuple[DictConfig, XRayDataModule]:
     return cfg, dm
 
 
-@pytest.fixture
-def fake_timings(monkeypatch) -> list[int]:
-    """small_cnn 2x faster in bf16, resnet18 slower; counts how often branches were timed."""
-    calls: list[int] = []
+class TimingCalls(list):
+    """The batch size of each timing, and (`trainable`) the stages it was told each branch trains."""
 
-    def fake(model, batch_size, image_size, device="cpu", steps=2):
+    def __init__(self) -> None:
+        super().__init__()
+        self.trainable: list[dict] = []
+
+
+@pytest.fixture
+def fake_timings(monkeypatch) -> TimingCalls:
+    """small_cnn 2x faster in bf16, resnet18 slower; counts how often branches were timed."""
+    calls = TimingCalls()
+
+    def fake(model, batch_size, image_size, device="cpu", steps=2, trainable_layers=None):
         calls.append(batch_size)
+        calls.trainable.append(dict(trainable_layers or {}))
         return [BranchTiming("small_cnn", 1.0, 0.5), BranchTiming("resnet18", 1.0, 1.2)]
 
     monkeypatch.setattr(precision, "time_branches", fake)
@@ -42,14 +51,21 @@ def fake_timings(monkeypatch) -> list[int]:
     return calls
 
 
-def test_build_model_resolves_auto_by_timing(fake_timings: list[int]) -> None:
+def test_build_model_resolves_auto_by_timing(fake_timings: TimingCalls) -> None:
     cfg, dm = _cfg("model.bf16_branches=auto", "data.batch_size=8")
     model = build_model(cfg, dm)
     assert fake_timings == [8] and model.bf16_keys == {"small_cnn"}
     assert model.hparams.bf16_branches == ["small_cnn"] and bf16_param(cfg, model) == "small_cnn"
 
 
-def test_a_resolved_list_skips_timing(fake_timings: list[int], tmp_path) -> None:
+def test_auto_times_the_stages_the_run_trains(fake_timings: TimingCalls) -> None:
+    build_model(*_cfg("model.bf16_branches=auto"))
+    build_model(*_cfg("model.bf16_branches=auto", "model.trainable_layers=2"))
+    # no pretrained weights here, so model.trainable_layers freezes every branch (as BackboneFreeze does)
+    assert fake_timings.trainable == [{}, {"small_cnn": 2, "resnet18": 2}]
+
+
+def test_a_resolved_list_skips_timing(fake_timings: TimingCalls, tmp_path) -> None:
     # what train() does for cross-fitting folds and for a resumed run: the measured list, not a new timing
     cfg, dm = _cfg("model.bf16_branches=auto")
     first = build_model(cfg, dm)
@@ -62,7 +78,7 @@ def test_a_resolved_list_skips_timing(fake_timings: list[int], tmp_path) -> None
     assert fake_timings == [32] and again.bf16_keys == {"small_cnn"}  # timed once, for the first model only
 
 
-def test_auto_is_not_timed_under_bf16_trainer_precision_or_cpu_ddp(fake_timings: list[int]) -> None:
+def test_auto_is_not_timed_under_bf16_trainer_precision_or_cpu_ddp(fake_timings: TimingCalls) -> None:
     cfg, dm = _cfg("model.bf16_branches=auto", "trainer.precision=bf16-mixed")
     model = build_model(cfg, dm)
     assert model.bf16_keys == frozenset() and bf16_param(cfg, model) == "all (trainer.precision=bf16-mixed)"
@@ -71,7 +87,7 @@ def test_auto_is_not_timed_under_bf16_trainer_precision_or_cpu_ddp(fake_timings:
     assert fake_timings == []
 
 
-def test_explicit_list_is_used_as_given(fake_timings: list[int]) -> None:
+def test_explicit_list_is_used_as_given(fake_timings: TimingCalls) -> None:
     cfg, dm = _cfg("model.bf16_branches=[resnet18]")
     model = build_model(cfg, dm)
     assert model.bf16_keys == {"resnet18"} and fake_timings == [] and bf16_param(cfg, model) == "resnet18"
