@@ -1,4 +1,5 @@
-"""Every command documented in README.md and docs/*.md composes with Hydra: no training, no data read.
+"""Every command documented in README.md and docs/*.md composes with Hydra: no training, no data read
+(`python scripts/benchmark.py ...` commands: their arguments parse and their overrides compose).
 
 A command is a line in a fenced code block that runs `python -m xrayfusion.<entry>` (also `.venv/bin/python`,
 an environment prefix such as `MLFLOW_TRACKING_URI=... python ...`, and continuation lines ending in `\\`).
@@ -98,27 +99,24 @@ def fenced_lines(path: Path) -> Iterator[tuple[int, str]]:
         pending = []
 
 
-def documented_commands() -> list[Command]:
-    found = []
+def documented(pattern: re.Pattern[str]) -> Iterator[tuple[Path, int, str, re.Match[str]]]:
+    """(file, line number, line, match) of every documented command line `pattern` matches."""
     for path in DOC_FILES:
         for number, line in fenced_lines(path):
             if line.lstrip().startswith("#"):
                 continue  # a shell comment, not a command
-            match = COMMAND.search(line)
+            match = pattern.search(line)
             if match:
-                found.append(Command(path, number, line.strip(), match.group(1), match.group(2)))
-    return found
+                yield path, number, line, match
+
+
+def documented_commands() -> list[Command]:
+    return [Command(path, n, line.strip(), m.group(1), m.group(2)) for path, n, line, m in documented(COMMAND)]
 
 
 def documented_benchmark_commands() -> list[tuple[str, str]]:
     """(where, arguments) of every documented `python scripts/benchmark.py ...` command."""
-    found = []
-    for path in DOC_FILES:
-        for number, line in fenced_lines(path):
-            match = None if line.lstrip().startswith("#") else BENCHMARK.search(line)
-            if match:
-                found.append((f"{path.relative_to(REPO)}:{number}", match.group(1)))
-    return found
+    return [(f"{path.relative_to(REPO)}:{n}", m.group(1)) for path, n, _, m in documented(BENCHMARK)]
 
 
 def split_arguments(args: str) -> tuple[list[str], bool]:
