@@ -157,6 +157,12 @@ def freeze_below_top(backbone: nn.Module, k: int) -> None:
     top = {id(p) for m in top_stages(backbone, k) for p in m.parameters(recurse=False)}
     for p in backbone.parameters():
         p.requires_grad_(id(p) in top)
+    train_trainable_batchnorm(backbone)
+
+
+def train_trainable_batchnorm(backbone: nn.Module) -> None:
+    """BatchNorm layers with trainable parameters in train mode, frozen ones in eval mode (running statistics
+    of the pretrained weights, not updated)."""
     for module in backbone.modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             module.train(any(p.requires_grad for p in module.parameters()))

@@ -92,7 +92,7 @@ def time_branches(
     the input that branch trains on: `image_size` px images (the decode size) resized to its own size
     (`model.branch_sizes`), with the stages the run keeps frozen frozen: `trainable_layers` maps a branch key to
     the number of top stages that train (`model.trainable_layers`), so no backward runs through the others."""
-    trainable_layers = dict(trainable_layers or {})
+    trainable_layers = trainable_layers or {}
     device = torch.device(device)
     gen = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (batch_size, 1, image_size, image_size), dtype=torch.uint8, generator=gen)

@@ -9,10 +9,9 @@ from typing import Any
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import BaseFinetuning
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 from torch.optim import Optimizer
 
-from xrayfusion.models.backbones import top_stages
+from xrayfusion.models.backbones import top_stages, train_trainable_batchnorm
 
 log = logging.getLogger(__name__)
 
@@ -81,9 +80,7 @@ class BackboneFreeze(BaseFinetuning):
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_epoch_start(trainer, pl_module)
         for backbone in self._backbones(pl_module):
-            for module in backbone.modules():
-                if isinstance(module, _BatchNorm):
-                    module.train(any(p.requires_grad for p in module.parameters()))
+            train_trainable_batchnorm(backbone)
 
 
 def freeze_callbacks(model_cfg: Mapping[str, Any], model: pl.LightningModule) -> list[pl.Callback]:
