@@ -28,9 +28,33 @@ SWITCHES = {
 SWITCHES.update({f"cl+trainable{k}": ["model.channels_last=true", f"model.trainable_layers={k}"] for k in (6, 5, 4, 3)})
 
 
+def setting(text: str) -> str:
+    """A --settings entry: a SWITCHES name, optionally with `@<px>` for its own image size (e.g. cl+trainable4@160
+    beside fp32+cl at --image-size 128): what a cheaper step at a larger size costs, side by side."""
+    name, at, size = text.partition("@")
+    if name not in SWITCHES:
+        raise argparse.ArgumentTypeError(f"unknown setting {name!r}; choose from {', '.join(SWITCHES)}")
+    if at and not (size.isdigit() and int(size) > 0):
+        raise argparse.ArgumentTypeError(f"{text!r}: the size after @ must be a number of pixels, e.g. {name}@160")
+    return text
+
+
+def setting_overrides(text: str) -> list[str]:
+    """The config overrides of a --settings entry (see `setting`)."""
+    name, _, size = setting(text).partition("@")
+    return [*SWITCHES[name], *([f"data.image_size={size}"] if size else [])]
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_run_arguments(p)
-    p.add_argument("--settings", nargs="+", default=list(SWITCHES), choices=list(SWITCHES))
+    p.add_argument(
+        "--settings",
+        nargs="+",
+        default=list(SWITCHES),
+        type=setting,
+        metavar="SETTING[@PX]",
+        help=f"any of {', '.join(SWITCHES)}; @PX trains that setting at PX pixels instead of --image-size",
+    )
 
 
 def run(args: argparse.Namespace) -> None:
@@ -43,7 +67,7 @@ def run(args: argparse.Namespace) -> None:
             "model.channels_last=false",
             "data.num_workers=0",
         ]
-        chosen = {k: v for k, v in SWITCHES.items() if k in args.settings}
+        chosen = {k: setting_overrides(k) for k in dict.fromkeys(args.settings)}
         setups = {k: Setup(compose_cfg([*base, *v]), device) for k, v in chosen.items()}
         print_setup(args, next(iter(setups.values())).cfg, counts, device)
         times: dict[str, list[float]] = {k: [] for k in chosen}

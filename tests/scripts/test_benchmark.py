@@ -101,6 +101,24 @@ def test_print_quality_shows_branches_fused_anchors_and_learned_weights(capsys, 
     assert "fit 12 s, end to end 15 s" in out
 
 
+def test_switches_setting_may_carry_its_own_image_size(monkeypatch) -> None:
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))
+    benchmark = importlib.import_module("benchmark")
+    switches = importlib.import_module("bench.switches")
+
+    args = benchmark.build_parser().parse_args(["switches", "--settings", "fp32+cl", "cl+trainable4@160"])
+    assert args.settings == ["fp32+cl", "cl+trainable4@160"]
+    assert switches.setting_overrides("fp32+cl") == ["model.channels_last=true"]
+    assert switches.setting_overrides("cl+trainable4@160") == [
+        "model.channels_last=true",
+        "model.trainable_layers=4",
+        "data.image_size=160",
+    ]
+    for bad in ("cl+trainable9", "fp32+cl@", "fp32+cl@big", "fp32+cl@0"):
+        with pytest.raises(SystemExit):
+            benchmark.build_parser().parse_args(["switches", "--settings", bad])
+
+
 def test_scripts_leave_sys_path_and_pythonpath_alone() -> None:
     sources = [*(REPO / "scripts").glob("*.py"), *(REPO / "scripts" / "bench").glob("*.py")]
     assert len(sources) >= 8
