@@ -29,6 +29,7 @@ def weights_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("weights")
     torch.manual_seed(0)
     torch.save(timm.create_model("efficientnet_lite0").state_dict(), folder / "efficientnet_lite0_test.pth")
+    torch.save(timm.create_model("efficientnet_lite1").state_dict(), folder / "efficientnet_lite1_test.pth")
     return folder
 
 
@@ -123,6 +124,34 @@ def test_mixed_ensemble_trains_with_every_fusion(
     assert run.data.params["feature_cache/branches"] == cached
     assert run.data.metrics["test/fused/auroc"] >= 0
     assert looked_up.count("train") == 4 and looked_up.count("val") == 2  # every step read the cache
+
+
+def test_one_pretrained_branch_cached_beside_one_fine_tuned(
+    train_task, tracking_uri: str, tmp_path: Path, weights_dir: Path
+) -> None:
+    """model.trainable_layers={efficientnet_lite1: 0}: lite1 is frozen and cached, lite0 fine-tunes every stage."""
+    overrides = [
+        "model.branches=[efficientnet_lite0,efficientnet_lite1]",
+        "model.trainable_layers={efficientnet_lite1: 0}",
+        "model.feature_cache=true",
+        "trainer.max_epochs=1",
+        f"paths.output_dir={tmp_path}/mixed",
+    ]
+    train_task(frozen_run(weights_dir, *overrides))
+    run = latest_run(tracking_uri)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["feature_cache/branches"] == "efficientnet_lite1"
+    trained = load_classifier(tmp_path / "mixed/checkpoints/best.ckpt")
+    branches = ["efficientnet_lite0", "efficientnet_lite1"]
+    pretrained = FusionClassifier(
+        branches, 2, {"name": "average"}, image_size=32, pretrained=True, weights_dir=weights_dir
+    )
+    for key, changes in (("efficientnet_lite0", True), ("efficientnet_lite1", False)):
+        before, after = pretrained.backbones[key].state_dict(), trained.backbones[key].state_dict()
+        changed = [k for k in before if not torch.equal(before[k], after[k])]
+        assert bool(changed) is changes, key
+        if changes:
+            assert "conv_stem.weight" in changed  # its lowest stage trains too
 
 
 def test_feature_cache_without_a_frozen_branch_or_with_mixup_is_a_config_error(train_task, weights_dir: Path) -> None:

@@ -45,11 +45,20 @@ def test_experiment_kermany_cpu() -> None:
         (["model.equalize=clahe", "data.image_size=8", "model.clahe.grid=[8,8]"], "needs images larger than 8 px"),
         (["model.mixup.cutmix_alpha=-1"], "model.mixup.cutmix_alpha=-1.0"),
         (["model.ema.decay=1"], "model.ema.decay=1"),
+        (["model.trainable_layers=-1"], "model.trainable_layers=-1 must be null"),
+        (["model.trainable_layers={resnet50: 0}"], "model.trainable_layers names"),
+        (["model.trainable_layers={resnet18: -2}"], "model.trainable_layers.resnet18=-2 must be null"),
     ],
 )
 def test_invalid_configs_fail_before_training(overrides: list[str], needle: str) -> None:
     with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
         config_checks.validate(compose_train(*overrides))
+
+
+def test_trainable_layers_per_branch_composes_and_validates() -> None:
+    cfg = compose_train("model.trainable_layers={resnet18: 0, mobilenetv2_100: null}")
+    config_checks.validate(cfg)
+    assert dict(cfg.model.trainable_layers) == {"resnet18": 0, "mobilenetv2_100": None}
 
 
 def test_validation_builds_no_backbone(monkeypatch) -> None:

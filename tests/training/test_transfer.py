@@ -18,7 +18,7 @@ from xrayfusion.models import FusionClassifier
 from xrayfusion.models.backbones import backbone_stages, create_backbone, freeze_below_top, top_stages
 from xrayfusion.models.pretrained import find_weights_file, resolve_weights
 from xrayfusion.training import config as config_checks
-from xrayfusion.training.finetuning import BackboneFreeze, freeze_callbacks, trained_top_stages
+from xrayfusion.training.finetuning import BackboneFreeze, freeze_callbacks, frozen_for_whole_run, trained_top_stages
 
 IMAGENET_GREY_MEAN = sum((0.485, 0.456, 0.406)) / 3
 
@@ -205,15 +205,19 @@ class Recorder(pl.Callback):
         self.head.append(pl_module.heads["efficientnet_lite0"].weight.detach().clone())
 
 
-def _fit(callbacks: list[pl.Callback], epochs: int = 2) -> FusionClassifier:
-    model = FusionClassifier(
-        ["efficientnet_lite0"],
+def _trainable(branches: tuple[str, ...] = ("efficientnet_lite0",)) -> FusionClassifier:
+    return FusionClassifier(
+        list(branches),
         2,
         {"name": "concat"},
         image_size=32,
         optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2),
         scheduler=lambda opt, total_steps: torch.optim.lr_scheduler.OneCycleLR(opt, 1e-2, total_steps=total_steps),
     )
+
+
+def _fit(callbacks: list[pl.Callback], epochs: int = 2, model: FusionClassifier | None = None) -> FusionClassifier:
+    model = model or _trainable()
     trainer = pl.Trainer(
         max_epochs=epochs,
         callbacks=callbacks,
@@ -272,6 +276,42 @@ def test_freeze_callbacks_from_config(weights_dir: Path) -> None:
     # what the bf16 timing (model.bf16_branches=auto) is told trains: only trainable_layers freezes for the whole run
     assert trained_top_stages({"trainable_layers": 4}, model) == {"efficientnet_lite0": 4}
     assert trained_top_stages({"freeze_backbone_epochs": 2, "trainable_layers": None}, model) == {}
+
+
+def test_trainable_layers_per_branch_from_config(weights_dir: Path) -> None:
+    model = pretrained_pair(weights_dir)
+    lite0_top2 = {"trainable_layers": {"efficientnet_lite0": 2}}
+    (callback,) = freeze_callbacks(lite0_top2, model)
+    assert callback.keys == ["efficientnet_lite0"] and callback.trainable_layers == {"efficientnet_lite0": 2}
+    assert trained_top_stages(lite0_top2, model) == {"efficientnet_lite0": 2}
+    assert frozen_for_whole_run(lite0_top2, model, 3) == []
+    # a mapping freezes the branches it names, whatever their weights; null for a branch: every stage trains
+    (callback,) = freeze_callbacks({"trainable_layers": {"small_cnn": 0, "efficientnet_lite0": None}}, model)
+    assert callback.keys == ["small_cnn"] and callback.freeze_epochs == 0
+    assert freeze_callbacks({"trainable_layers": {"efficientnet_lite0": None}}, model) == []
+    # with freeze_backbone_epochs the pretrained branches it does not name are frozen first, then train every stage
+    (callback,) = freeze_callbacks({"freeze_backbone_epochs": 1, "trainable_layers": {"small_cnn": 0}}, model)
+    assert callback.trainable_layers == {"efficientnet_lite0": None, "small_cnn": 0}
+    assert trained_top_stages({"freeze_backbone_epochs": 1, "trainable_layers": {"small_cnn": 0}}, model) == {
+        "small_cnn": 0
+    }
+    # what model.feature_cache may cache: pretrained branches that never train
+    assert frozen_for_whole_run({"trainable_layers": {"efficientnet_lite0": 0}}, model, 3) == ["efficientnet_lite0"]
+    assert frozen_for_whole_run({"trainable_layers": {"small_cnn": 0}}, model, 3) == []
+
+
+def test_per_branch_trainable_layers_train_each_branch_as_named() -> None:
+    """{small_cnn: 0}: small_cnn's backbone never changes while efficientnet_lite0 trains every stage."""
+    recorder = Recorder()
+    model = _trainable(("efficientnet_lite0", "small_cnn"))
+    callbacks = freeze_callbacks({"trainable_layers": {"small_cnn": 0}}, model)
+    _fit([*callbacks, recorder], model=model)
+    changed = _changed(recorder.backbone[0], recorder.backbone[-1])
+    assert "efficientnet_lite0.conv_stem.weight" in changed and "efficientnet_lite0.bn2.running_mean" in changed
+    assert not any(k.startswith("small_cnn.") for k in changed)
+    assert recorder.frozen_with_grad_or_state == []
+    assert all(p.requires_grad for p in model.backbones["efficientnet_lite0"].parameters())
+    assert not any(p.requires_grad for p in model.backbones["small_cnn"].parameters())
 
 
 def test_the_trained_stages_are_what_backbone_freeze_trains() -> None:

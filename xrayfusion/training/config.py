@@ -56,14 +56,37 @@ def validate(cfg: Mapping[str, Any]) -> None:
         raise ConfigError(str(err)) from err
 
 
+def _check_trainable_layers(layers: Any, branches: list[str]) -> None:
+    """null, a number of top stages >= 0, or {branch name: that or null} naming branches of the model."""
+    if isinstance(layers, Mapping):
+        unknown = sorted(str(k) for k in layers if str(k) not in branches)
+        if unknown:
+            raise ConfigError(
+                f"model.trainable_layers names {unknown}, which are not in model.branches={branches}; "
+                "give top stages only for branches of this model"
+            )
+        for name, value in layers.items():
+            if value is not None and not _stage_count(value):
+                raise ConfigError(
+                    f"model.trainable_layers.{name}={value!r} must be null (all) or a number of top stages >= 0"
+                )
+    elif layers is not None and not _stage_count(layers):
+        raise ConfigError(
+            f"model.trainable_layers={layers!r} must be null (all), a number of top stages >= 0 or a mapping "
+            "{branch: stages}, e.g. model.trainable_layers=0 or 'model.trainable_layers={efficientnet_lite1: 0}'"
+        )
+
+
+def _stage_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def _check_transfer(model: Mapping[str, Any], branches: list[str]) -> None:
     """Pretrained weights exist (offline: the files are in model.weights_dir); freezing options are valid."""
     epochs = model.get("freeze_backbone_epochs") or 0
     if int(epochs) < 0:
         raise ConfigError(f"model.freeze_backbone_epochs={epochs} must be 0 or more")
-    layers = model.get("trainable_layers")
-    if layers is not None and int(layers) < 0:
-        raise ConfigError(f"model.trainable_layers={layers} must be null (all) or a number of top stages >= 0")
+    _check_trainable_layers(model.get("trainable_layers"), branches)
     scale = model.get("backbone_lr_scale", 0.1)
     if scale is None or float(scale) <= 0:
         raise ConfigError(f"model.backbone_lr_scale={scale} must be a positive number, e.g. 0.1")

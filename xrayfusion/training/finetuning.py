@@ -20,7 +20,8 @@ _SCALED_KEYS = ("lr", "initial_lr", "max_lr", "min_lr")  # per-group values that
 
 class BackboneFreeze(BaseFinetuning):
     """Train heads (and the fusion head) only for `freeze_epochs`, then unfreeze the backbones' top
-    `trainable_layers` stages (all when None) with `lr_scale` x the head learning rate, following its schedule.
+    `trainable_layers` stages (all when None; a mapping gives each branch key its own) with `lr_scale` x the head
+    learning rate, following its schedule.
 
     Frozen parameters have `requires_grad=False`, so they get no gradients and no optimizer state; frozen
     BatchNorm layers run in eval mode (running statistics of the pretrained weights, not updated).
@@ -29,20 +30,27 @@ class BackboneFreeze(BaseFinetuning):
     def __init__(
         self,
         freeze_epochs: int = 0,
-        trainable_layers: int | None = None,
+        trainable_layers: int | Mapping[str, int | None] | None = None,
         lr_scale: float = 0.1,
         keys: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
         self.freeze_epochs = int(freeze_epochs)
-        self.trainable_layers = trainable_layers
+        self.trainable_layers = trainable_layers  # one K for every branch, or {branch key: K or None}
         self.lr_scale = float(lr_scale)
         self.keys = list(keys) if keys is not None else None  # branches to freeze; None = all
         self._unfrozen = False
 
+    def _keys(self, pl_module: pl.LightningModule) -> list[str]:
+        return self.keys if self.keys is not None else list(pl_module.backbones.keys())
+
     def _backbones(self, pl_module: pl.LightningModule) -> list[nn.Module]:
-        keys = self.keys if self.keys is not None else list(pl_module.backbones.keys())
-        return [pl_module.backbones[k] for k in keys]
+        return [pl_module.backbones[k] for k in self._keys(pl_module)]
+
+    def _top(self, key: str) -> int | None:
+        if isinstance(self.trainable_layers, Mapping):
+            return self.trainable_layers.get(key)
+        return self.trainable_layers
 
     def freeze_before_training(self, pl_module: pl.LightningModule) -> None:
         self.freeze(self._backbones(pl_module), train_bn=False)
@@ -51,7 +59,7 @@ class BackboneFreeze(BaseFinetuning):
         if self._unfrozen or epoch < self.freeze_epochs:
             return
         self._unfrozen = True
-        modules = [m for b in self._backbones(pl_module) for m in top_stages(b, self.trainable_layers)]
+        modules = [m for k in self._keys(pl_module) for m in top_stages(pl_module.backbones[k], self._top(k))]
         if not modules:
             return
         n_groups = len(optimizer.param_groups)
@@ -86,16 +94,41 @@ class BackboneFreeze(BaseFinetuning):
 def freeze_callbacks(model_cfg: Mapping[str, Any], model: pl.LightningModule) -> list[pl.Callback]:
     """[BackboneFreeze] when `model.freeze_backbone_epochs` or `model.trainable_layers` asks for it, else [].
 
-    Only the branches that loaded pretrained weights are frozen (all of them when none did).
+    A number for `model.trainable_layers` applies to the branches that loaded pretrained weights (all of them when
+    none did); a mapping ({branch name: K or null}) to the branches it names, whatever their weights.
+    """
+    stages = stage_plan(model_cfg, model)
+    if not stages:
+        return []
+    epochs = int(model_cfg.get("freeze_backbone_epochs") or 0)
+    scale = float(model_cfg.get("backbone_lr_scale", 0.1))
+    log.info(
+        "freezing backbones %s for %d epoch(s), trainable top stages %s, lr x %g", list(stages), epochs, stages, scale
+    )
+    return [BackboneFreeze(epochs, stages, scale, list(stages))]
+
+
+def stage_plan(model_cfg: Mapping[str, Any], model: pl.LightningModule) -> dict[str, int | None]:
+    """{branch key: K, or None for every stage} for the branches BackboneFreeze freezes before training and then
+    trains the top K stages of ({} when nothing is frozen).
+
+    `model.trainable_layers` null or K: with `model.freeze_backbone_epochs` or K, the pretrained branches (all when
+    none is), each with that K. A mapping {branch name: K or null}: the named branches with their K, and, with
+    `model.freeze_backbone_epochs`, the pretrained ones it does not name, which then train every stage.
     """
     epochs = int(model_cfg.get("freeze_backbone_epochs") or 0)
     layers = model_cfg.get("trainable_layers")
-    if not epochs and layers is None:
-        return []
-    keys = _frozen_keys(model)
-    scale = float(model_cfg.get("backbone_lr_scale", 0.1))
-    log.info("freezing backbones %s for %d epoch(s), trainable_layers=%s, lr x %g", keys, epochs, layers, scale)
-    return [BackboneFreeze(epochs, None if layers is None else int(layers), scale, keys)]
+    if not isinstance(layers, Mapping):
+        if not epochs and layers is None:
+            return {}
+        return {key: None if layers is None else int(layers) for key in _frozen_keys(model)}
+    named = {str(name): value for name, value in layers.items()}
+    plan: dict[str, int | None] = {}
+    for name, key in zip(model.hparams.branches, model.keys, strict=True):
+        value = named.get(str(name))
+        if value is not None or (epochs and key in _frozen_keys(model)):
+            plan[key] = None if value is None else int(value)
+    return plan
 
 
 def _frozen_keys(model: pl.LightningModule) -> list[str]:
@@ -105,20 +138,18 @@ def _frozen_keys(model: pl.LightningModule) -> list[str]:
 
 def trained_top_stages(model_cfg: Mapping[str, Any], model: pl.LightningModule) -> dict[str, int]:
     """{branch key: K} for the branches that train only their top K stages for the whole run
-    (`model.trainable_layers=K`): what a timing of their training step (`model.bf16_branches=auto`) should time."""
-    layers = model_cfg.get("trainable_layers")
-    return {} if layers is None else {key: int(layers) for key in _frozen_keys(model)}
+    (`model.trainable_layers`): what a timing of their training step (`model.bf16_branches=auto`) should time."""
+    return {key: k for key, k in stage_plan(model_cfg, model).items() if k is not None}
 
 
 def frozen_for_whole_run(model_cfg: Mapping[str, Any], model: pl.LightningModule, max_epochs: int | None) -> list[str]:
-    """Keys of the branches whose backbone never trains in this run: the pretrained branches `freeze_callbacks`
-    freezes, when `model.trainable_layers=0` (nothing ever unfreezes) or `model.freeze_backbone_epochs` covers
-    every epoch. What model.feature_cache may cache."""
+    """Keys of the pretrained branches whose backbone never trains in this run: those `freeze_callbacks` freezes
+    with no stage to train (`model.trainable_layers` 0 for them), or all it freezes when
+    `model.freeze_backbone_epochs` covers every epoch. What model.feature_cache may cache."""
     epochs = int(model_cfg.get("freeze_backbone_epochs") or 0)
-    layers = model_cfg.get("trainable_layers")
-    if not epochs and layers is None:
-        return []
-    never_unfrozen = layers is not None and int(layers) == 0
-    if not never_unfrozen and not (max_epochs is not None and max_epochs > 0 and epochs >= max_epochs):
-        return []
-    return [k for k, source in model.weights_sources.items() if source]
+    whole_run = max_epochs is not None and max_epochs > 0 and epochs >= max_epochs
+    return [
+        key
+        for key, k in stage_plan(model_cfg, model).items()
+        if (k == 0 or whole_run) and model.weights_sources.get(key)
+    ]

@@ -160,8 +160,9 @@ def cache_features(run: Run) -> None:
     keys = frozen_for_whole_run(cfg.model, run.model, cfg.trainer.get("max_epochs"))
     if not keys:
         raise ConfigError(
-            "model.feature_cache=true but no branch is frozen for the whole run; set model.trainable_layers=0 "
-            "(pretrained branches stay frozen) or model.freeze_backbone_epochs >= trainer.max_epochs"
+            "model.feature_cache=true but no pretrained branch is frozen for the whole run; set "
+            "model.trainable_layers=0 (every pretrained branch frozen), 'model.trainable_layers={<branch>: 0}' "
+            "or model.freeze_backbone_epochs >= trainer.max_epochs"
         )
     if run.model.mixer is not None and run.model.mixer.mixes:  # label smoothing alone is fine
         raise ConfigError(
