@@ -19,6 +19,7 @@ from xrayfusion.models.backbones import backbone_stages, create_backbone, freeze
 from xrayfusion.models.pretrained import find_weights_file, resolve_weights
 from xrayfusion.training import config as config_checks
 from xrayfusion.training.finetuning import BackboneFreeze, freeze_callbacks, frozen_for_whole_run, trained_top_stages
+from xrayfusion.training.run import parameter_summary
 
 IMAGENET_GREY_MEAN = sum((0.485, 0.456, 0.406)) / 3
 
@@ -298,6 +299,19 @@ def test_trainable_layers_per_branch_from_config(weights_dir: Path) -> None:
     # what model.feature_cache may cache: pretrained branches that never train
     assert frozen_for_whole_run({"trainable_layers": {"efficientnet_lite0": 0}}, model, 3) == ["efficientnet_lite0"]
     assert frozen_for_whole_run({"trainable_layers": {"small_cnn": 0}}, model, 3) == []
+
+
+def test_parameter_summary_counts_what_trains_all_run(weights_dir: Path) -> None:
+    model = pretrained_pair(weights_dir)
+    lite0 = sum(p.numel() for p in model.backbones["efficientnet_lite0"].parameters())
+    total = sum(p.numel() for p in model.parameters())
+    top2 = sum(p.numel() for m in top_stages(model.backbones["efficientnet_lite0"], 2) for p in m.parameters(False))
+    assert parameter_summary(model).endswith(f"({total / 1e6:.1f} M parameters, {total / 1e6:.1f} M trainable)")
+    frozen = parameter_summary(model, trained_top_stages({"trainable_layers": {"efficientnet_lite0": 0}}, model))
+    assert frozen.endswith(f"{(total - lite0) / 1e6:.1f} M trainable)")
+    assert parameter_summary(model, {"efficientnet_lite0": 2}).endswith(
+        f"{(total - lite0 + top2) / 1e6:.1f} M trainable)"
+    )
 
 
 def test_per_branch_trainable_layers_train_each_branch_as_named() -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,12 +39,13 @@ from xrayfusion.evaluation import plots
 from xrayfusion.evaluation.pyfunc import log_pyfunc_model
 from xrayfusion.evaluation.report import log_figure, log_test_report
 from xrayfusion.models import FusionClassifier, precision
+from xrayfusion.models.backbones import top_stages
 from xrayfusion.models.feature_cache import build_store
 from xrayfusion.training import resume as resuming
 from xrayfusion.training import sweep
 from xrayfusion.training.config import validate
 from xrayfusion.training.factory import TrainerParts, bf16_param, build_model, build_trainer, restore_best, trainer_bf16
-from xrayfusion.training.finetuning import frozen_for_whole_run
+from xrayfusion.training.finetuning import frozen_for_whole_run, trained_top_stages
 from xrayfusion.training.fusion_phase import FusionOutcome, fit_fusion
 
 log = logging.getLogger(__name__)
@@ -121,7 +122,7 @@ def start_run(cfg: DictConfig) -> Run:
     if resume:
         tracking.set_status(logger, "RUNNING")
     log.info("MLflow run %s (experiment %s)", logger.run_id, logger.experiment_id)
-    log.info("model: %s", parameter_summary(model))
+    log.info("model: %s", parameter_summary(model, trained_top_stages(cfg.model, model)))
     return Run(cfg, dm, source, model, logger, out_dir, ckpt_dir, resume)
 
 
@@ -239,18 +240,26 @@ def test_and_report(run: Run) -> None:
     )
 
 
-def parameter_summary(model: FusionClassifier) -> str:
-    """'resnet18 11.2 M, small_cnn 0.4 M, fusion 0 (11.6 M parameters, 11.6 M trainable)'."""
+def parameter_summary(model: FusionClassifier, top_stages_only: Mapping[str, int] | None = None) -> str:
+    """'resnet18 11.2 M, small_cnn 0.4 M, fusion 0 (11.6 M parameters, 11.6 M trainable)'; trainable counts
+    only the top K stages of the backbones `top_stages_only` maps to K (`model.trainable_layers`: frozen all run)."""
 
     def millions(n: int) -> str:
         return f"{n / 1e6:.1f} M" if n >= 50_000 else f"{n / 1e3:.1f} K" if n >= 1_000 else str(n)
 
-    def count(module: torch.nn.Module, trainable: bool = False) -> int:
-        return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable)
+    def count(module: torch.nn.Module) -> int:
+        return sum(p.numel() for p in module.parameters())
 
+    frozen = {
+        id(p)
+        for key, k in (top_stages_only or {}).items()
+        for p in model.backbones[key].parameters()
+        if id(p) not in {id(q) for m in top_stages(model.backbones[key], k) for q in m.parameters(recurse=False)}
+    }
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad and id(p) not in frozen)
     parts = [f"{k} {millions(count(model.backbones[k]) + count(model.heads[k]))}" for k in model.keys]
     parts.append(f"fusion {millions(count(model.fusion))}")
-    return f"{', '.join(parts)} ({millions(count(model))} parameters, {millions(count(model, True))} trainable)"
+    return f"{', '.join(parts)} ({millions(count(model))} parameters, {millions(trainable)} trainable)"
 
 
 def summary(run: Run, score: float | None = None, source: str = "", interval: tuple[float, float] | None = None) -> str:
