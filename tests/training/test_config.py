@@ -48,6 +48,12 @@ def test_experiment_kermany_cpu() -> None:
         (["model.trainable_layers=-1"], "model.trainable_layers=-1 must be null"),
         (["model.trainable_layers={resnet50: 0}"], "model.trainable_layers names"),
         (["model.trainable_layers={resnet18: -2}"], "model.trainable_layers.resnet18=-2 must be null"),
+        # branch sizes are checked before any image is decoded, with how to replace an experiment's mapping
+        (["model.branch_sizes={resnet18: 200}"], "set data.image_size=200"),
+        (
+            ["experiment=kermany_cpu", "model.branches=[efficientnet_lite0,efficientnet_lite1]"],
+            "to replace an experiment's mapping: model.branch_sizes=null",
+        ),
     ],
 )
 def test_invalid_configs_fail_before_training(overrides: list[str], needle: str) -> None:

@@ -73,7 +73,8 @@ def branch_input_sizes(branches: Sequence[str], image_size: int, branch_sizes: M
     if unknown:
         raise ConfigError(
             f"model.branch_sizes names {unknown}, which are not in model.branches={list(branches)}; "
-            "give sizes only for branches of this model"
+            "give sizes only for branches of this model (to replace an experiment's mapping: "
+            "model.branch_sizes=null '+model.branch_sizes={...}')"
         )
     out = []
     for name in branches:

@@ -11,10 +11,13 @@ from xrayfusion.fusion.checks import validate_fusion
 from xrayfusion.models.backbones import check_backbone_name
 from xrayfusion.models.equalize import check_equalize
 from xrayfusion.models.mixup import mixup_settings
-from xrayfusion.models.module import bf16_branch_indices
+from xrayfusion.models.module import bf16_branch_indices, branch_input_sizes
 from xrayfusion.models.pretrained import has_pretrained, resolve_weights
 from xrayfusion.models.tta import DEFAULT_SCALES, check_tta
 from xrayfusion.training.callbacks import ema_settings
+
+# Hydra merges a mapping override into the one an experiment sets: what to write to replace it instead
+REPLACE_HINT = " (to replace an experiment's mapping: model.{key}=null '+model.{key}={{...}}')"
 
 
 def validate(cfg: Mapping[str, Any]) -> None:
@@ -49,11 +52,27 @@ def validate(cfg: Mapping[str, Any]) -> None:
         raise ConfigError(f"trainer.max_epochs={epochs} must be positive")
     for name in branches:
         check_backbone_name(str(name))
+    branch_input_sizes(
+        [str(b) for b in branches],
+        int(cfg["data"].get("image_size") or 64),
+        branch_sizes_of(cfg["model"].get("branch_sizes")),
+    )
     _check_transfer(cfg["model"], [str(b) for b in branches])
     try:
         bf16_branch_indices([str(b) for b in branches], cfg["model"].get("bf16_branches"))
     except ValueError as err:
         raise ConfigError(str(err)) from err
+
+
+def branch_sizes_of(value: Any) -> dict[str, int] | None:
+    """model.branch_sizes as {branch name: size} (None when unset); ConfigError when it is not a mapping."""
+    if not value:
+        return None
+    if not isinstance(value, Mapping):
+        raise ConfigError(
+            f"model.branch_sizes={value!r} must map branch names to sizes, e.g. 'model.branch_sizes={{small_cnn: 96}}'"
+        )
+    return {str(k): v for k, v in value.items()}
 
 
 def _check_trainable_layers(layers: Any, branches: list[str]) -> None:
@@ -63,7 +82,7 @@ def _check_trainable_layers(layers: Any, branches: list[str]) -> None:
         if unknown:
             raise ConfigError(
                 f"model.trainable_layers names {unknown}, which are not in model.branches={branches}; "
-                "give top stages only for branches of this model"
+                f"give top stages only for branches of this model{REPLACE_HINT.format(key='trainable_layers')}"
             )
         for name, value in layers.items():
             if value is not None and not _stage_count(value):

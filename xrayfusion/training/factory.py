@@ -26,6 +26,7 @@ from xrayfusion.models.module import autocast_of
 from xrayfusion.models.tta import DEFAULT_SCALES, parse_scales
 from xrayfusion.training.callbacks import EpochHistory, FiniteLossGuard, ema_callbacks
 from xrayfusion.training.checkpoints import AtomicCheckpointIO, load_checkpoint
+from xrayfusion.training.config import branch_sizes_of
 from xrayfusion.training.finetuning import freeze_callbacks, trained_top_stages
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ def build_model(cfg: DictConfig, dm: XRayDataModule, bf16_branches: Sequence[str
         data_split=split_record(cfg, dm),
         tta=str(cfg.model.get("tta", "none")),
         tta_scales=list(parse_scales(cfg.model.get("tta_scales", DEFAULT_SCALES))),
-        branch_sizes=_branch_sizes(cfg.model.get("branch_sizes")),
+        branch_sizes=branch_sizes_of(cfg.model.get("branch_sizes")),
         **input_switches(cfg.model),
         optimizer=instantiate(cfg.optimizer),
         scheduler=scheduler,
@@ -64,16 +65,6 @@ def build_model(cfg: DictConfig, dm: XRayDataModule, bf16_branches: Sequence[str
     if bf16_branches is None and configured == precision.AUTO:
         _resolve_auto_bf16(cfg, model)
     return model
-
-
-def _branch_sizes(value: Any) -> dict[str, int] | None:
-    if not value:
-        return None
-    if not isinstance(value, Mapping):
-        raise ConfigError(
-            f"model.branch_sizes={value!r} must map branch names to sizes, e.g. 'model.branch_sizes={{small_cnn: 96}}'"
-        )
-    return {str(k): v for k, v in value.items()}
 
 
 def input_switches(model_cfg: DictConfig) -> dict[str, Any]:

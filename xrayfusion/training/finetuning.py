@@ -123,10 +123,11 @@ def stage_plan(model_cfg: Mapping[str, Any], model: pl.LightningModule) -> dict[
             return {}
         return {key: None if layers is None else int(layers) for key in _frozen_keys(model)}
     named = {str(name): value for name, value in layers.items()}
+    frozen_first = _frozen_keys(model) if epochs else []
     plan: dict[str, int | None] = {}
     for name, key in zip(model.hparams.branches, model.keys, strict=True):
         value = named.get(str(name))
-        if value is not None or (epochs and key in _frozen_keys(model)):
+        if value is not None or key in frozen_first:
             plan[key] = None if value is None else int(value)
     return plan
 

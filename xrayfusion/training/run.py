@@ -250,12 +250,10 @@ def parameter_summary(model: FusionClassifier, top_stages_only: Mapping[str, int
     def count(module: torch.nn.Module) -> int:
         return sum(p.numel() for p in module.parameters())
 
-    frozen = {
-        id(p)
-        for key, k in (top_stages_only or {}).items()
-        for p in model.backbones[key].parameters()
-        if id(p) not in {id(q) for m in top_stages(model.backbones[key], k) for q in m.parameters(recurse=False)}
-    }
+    frozen: set[int] = set()  # ids of the parameters below the top K stages of those backbones
+    for key, k in (top_stages_only or {}).items():
+        top = {id(p) for m in top_stages(model.backbones[key], k) for p in m.parameters(recurse=False)}
+        frozen |= {id(p) for p in model.backbones[key].parameters()} - top
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad and id(p) not in frozen)
     parts = [f"{k} {millions(count(model.backbones[k]) + count(model.heads[k]))}" for k in model.keys]
     parts.append(f"fusion {millions(count(model.fusion))}")
