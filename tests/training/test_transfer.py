@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import mlflow
@@ -279,7 +280,7 @@ def test_freeze_callbacks_from_config(weights_dir: Path) -> None:
     assert trained_top_stages({"freeze_backbone_epochs": 2, "trainable_layers": None}, model) == {}
 
 
-def test_trainable_layers_per_branch_from_config(weights_dir: Path) -> None:
+def test_trainable_layers_per_branch_from_config(weights_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
     model = pretrained_pair(weights_dir)
     lite0_top2 = {"trainable_layers": {"efficientnet_lite0": 2}}
     (callback,) = freeze_callbacks(lite0_top2, model)
@@ -291,8 +292,13 @@ def test_trainable_layers_per_branch_from_config(weights_dir: Path) -> None:
     assert callback.keys == ["small_cnn"] and callback.freeze_epochs == 0
     assert freeze_callbacks({"trainable_layers": {"efficientnet_lite0": None}}, model) == []
     # with freeze_backbone_epochs the pretrained branches it does not name are frozen first, then train every stage
-    (callback,) = freeze_callbacks({"freeze_backbone_epochs": 1, "trainable_layers": {"small_cnn": 0}}, model)
+    with caplog.at_level(logging.INFO, logger="xrayfusion.training.finetuning"):
+        (callback,) = freeze_callbacks({"freeze_backbone_epochs": 1, "trainable_layers": {"small_cnn": 0}}, model)
     assert callback.trainable_layers == {"efficientnet_lite0": None, "small_cnn": 0}
+    assert caplog.messages[-1] == (
+        "freezing backbones: frozen all run: ['small_cnn']; "
+        "trained after 1 epoch(s) at lr x 0.1, top stages per branch: {'efficientnet_lite0': 'all'}"
+    )
     assert trained_top_stages({"freeze_backbone_epochs": 1, "trainable_layers": {"small_cnn": 0}}, model) == {
         "small_cnn": 0
     }

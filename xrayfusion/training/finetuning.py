@@ -102,9 +102,13 @@ def freeze_callbacks(model_cfg: Mapping[str, Any], model: pl.LightningModule) ->
         return []
     epochs = int(model_cfg.get("freeze_backbone_epochs") or 0)
     scale = float(model_cfg.get("backbone_lr_scale", 0.1))
-    log.info(
-        "freezing backbones %s for %d epoch(s), trainable top stages %s, lr x %g", list(stages), epochs, stages, scale
-    )
+    never = [key for key, k in stages.items() if k == 0]
+    later = {key: "all" if k is None else k for key, k in stages.items() if k != 0}
+    parts = [f"frozen all run: {never}"] if never else []
+    if later:
+        when = f"after {epochs} epoch(s)" if epochs else "from the start"
+        parts.append(f"trained {when} at lr x {scale:g}, top stages per branch: {later}")
+    log.info("freezing backbones: %s", "; ".join(parts))
     return [BackboneFreeze(epochs, stages, scale, list(stages))]
 
 
