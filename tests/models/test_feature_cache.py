@@ -126,31 +126,54 @@ def test_mixed_ensemble_trains_with_every_fusion(
     assert looked_up.count("train") == 4 and looked_up.count("val") == 2  # every step read the cache
 
 
+@pytest.mark.parametrize(
+    ("branches", "per_branch", "cached", "sizes"),
+    [
+        # by branch name: efficientnet_lite1 frozen and cached, efficientnet_lite0 fine-tunes every stage
+        (["efficientnet_lite0", "efficientnet_lite1"], ["model.trainable_layers={efficientnet_lite1: 0}"], 1, [32, 32]),
+        # by branch key: the second copy of one backbone frozen at its own size beside the first, fine-tuned
+        (
+            ["efficientnet_lite0", "efficientnet_lite0"],
+            [
+                "model.trainable_layers={efficientnet_lite0_2: 0}",
+                "model.branch_sizes={efficientnet_lite0: 32, efficientnet_lite0_2: 48}",
+                "data.image_size=48",
+            ],
+            1,
+            [32, 48],
+        ),
+    ],
+)
 def test_one_pretrained_branch_cached_beside_one_fine_tuned(
-    train_task, tracking_uri: str, tmp_path: Path, weights_dir: Path
+    train_task,
+    tracking_uri: str,
+    tmp_path: Path,
+    weights_dir: Path,
+    branches: list[str],
+    per_branch: list[str],
+    cached: int,
+    sizes: list[int],
 ) -> None:
-    """model.trainable_layers={efficientnet_lite1: 0}: lite1 is frozen and cached, lite0 fine-tunes every stage."""
     overrides = [
-        "model.branches=[efficientnet_lite0,efficientnet_lite1]",
-        "model.trainable_layers={efficientnet_lite1: 0}",
+        f"model.branches=[{','.join(branches)}]",
+        *per_branch,
         "model.feature_cache=true",
         "trainer.max_epochs=1",
         f"paths.output_dir={tmp_path}/mixed",
     ]
     train_task(frozen_run(weights_dir, *overrides))
     run = latest_run(tracking_uri)
-    assert run.info.status == "FINISHED"
-    assert run.data.params["feature_cache/branches"] == "efficientnet_lite1"
     trained = load_classifier(tmp_path / "mixed/checkpoints/best.ckpt")
-    branches = ["efficientnet_lite0", "efficientnet_lite1"]
+    assert run.info.status == "FINISHED" and trained.sizes == sizes
+    assert run.data.params["feature_cache/branches"] == trained.keys[cached]
     pretrained = FusionClassifier(
-        branches, 2, {"name": "average"}, image_size=32, pretrained=True, weights_dir=weights_dir
+        branches, 2, {"name": "average"}, image_size=max(sizes), pretrained=True, weights_dir=weights_dir
     )
-    for key, changes in (("efficientnet_lite0", True), ("efficientnet_lite1", False)):
+    for i, key in enumerate(trained.keys):
         before, after = pretrained.backbones[key].state_dict(), trained.backbones[key].state_dict()
         changed = [k for k in before if not torch.equal(before[k], after[k])]
-        assert bool(changed) is changes, key
-        if changes:
+        assert bool(changed) is (i != cached), key
+        if i != cached:
             assert "conv_stem.weight" in changed  # its lowest stage trains too
 
 

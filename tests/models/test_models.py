@@ -5,7 +5,7 @@ import torch
 from xrayfusion.core.errors import ConfigError
 from xrayfusion.models import FusionClassifier
 from xrayfusion.models.backbones import check_backbone_name, check_input_size, create_backbone
-from xrayfusion.models.module import branch_keys
+from xrayfusion.models.module import branch_entries, branch_input_sizes, branch_keys
 
 
 @pytest.mark.parametrize(("name", "size"), [("small_cnn", 28), ("darknet", 32)])
@@ -173,3 +173,13 @@ def test_each_branch_runs_at_its_own_input_size() -> None:
             image_size=48,
             branch_sizes={"resnet18": 32},
         )
+
+
+def test_branch_sizes_by_name_apply_to_every_copy_and_by_key_to_one() -> None:
+    twice = ["small_cnn", "small_cnn", "darknet"]
+    assert branch_input_sizes(twice, 64, {"small_cnn": 32}) == [32, 32, 64]
+    assert branch_input_sizes(twice, 64, {"small_cnn_2": 48}) == [64, 48, 64]
+    assert branch_input_sizes(twice, 64, {"small_cnn": 32, "small_cnn_2": 48}) == [32, 48, 64]
+    assert branch_entries("trainable_layers", twice, {"small_cnn_2": 0, "darknet": None}) == {1: 0, 2: None}
+    with pytest.raises(ConfigError, match=r"names \['small_cnn_3'\].*or branch keys \['small_cnn_2'\]"):
+        branch_input_sizes(twice, 64, {"small_cnn_3": 32})

@@ -305,6 +305,22 @@ def test_trainable_layers_per_branch_from_config(weights_dir: Path, caplog: pyte
     # what model.feature_cache may cache: pretrained branches that never train
     assert frozen_for_whole_run({"trainable_layers": {"efficientnet_lite0": 0}}, model, 3) == ["efficientnet_lite0"]
     assert frozen_for_whole_run({"trainable_layers": {"small_cnn": 0}}, model, 3) == []
+    # a branch key names one copy of a repeated backbone
+    twice = FusionClassifier(
+        ["efficientnet_lite0", "efficientnet_lite0"],
+        2,
+        {"name": "average"},
+        image_size=32,
+        pretrained=True,
+        weights_dir=weights_dir,
+    )
+    second = {"trainable_layers": {"efficientnet_lite0_2": 0}}
+    assert [c.keys for c in freeze_callbacks(second, twice)] == [["efficientnet_lite0_2"]]
+    assert frozen_for_whole_run(second, twice, 3) == ["efficientnet_lite0_2"]
+    assert trained_top_stages({"trainable_layers": {"efficientnet_lite0": 3}}, twice) == {
+        "efficientnet_lite0": 3,
+        "efficientnet_lite0_2": 3,
+    }
 
 
 def test_parameter_summary_counts_what_trains_all_run(weights_dir: Path) -> None:

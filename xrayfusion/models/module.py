@@ -65,20 +65,33 @@ def autocast_of(trainer_precision: str | int | None) -> str | None:
     return None
 
 
-def branch_input_sizes(branches: Sequence[str], image_size: int, branch_sizes: Mapping[str, int] | None) -> list[int]:
-    """Each branch's input size: its model.branch_sizes entry, else `image_size` (the size images are decoded at).
-    ConfigError for an entry naming no branch or larger than `image_size`."""
-    sizes = {str(k): v for k, v in (branch_sizes or {}).items()}
-    unknown = sorted(set(sizes) - {str(b) for b in branches})
+def branch_entries(option: str, branches: Sequence[str], mapping: Mapping[str, Any] | None) -> dict[int, Any]:
+    """{branch index: value} of a per-branch option (model.branch_sizes, model.trainable_layers): an entry named
+    by a branch name applies to every copy of that branch, one named by a branch key (`efficientnet_lite0_2`, the
+    second copy) to that copy only, and overrides the name's. ConfigError for an entry naming neither."""
+    names, keys = [str(b) for b in branches], branch_keys(list(branches))
+    entries = {str(k): v for k, v in (mapping or {}).items()}
+    unknown = sorted(set(entries) - set(names) - set(keys))
     if unknown:
+        copies = [k for k, n in zip(keys, names, strict=True) if k != n]
+        also = f" or branch keys {copies}" if copies else ""
         raise ConfigError(
-            f"model.branch_sizes names {unknown}, which are not in model.branches={list(branches)}; "
-            "give sizes only for branches of this model (to replace an experiment's mapping: "
-            "model.branch_sizes=null '+model.branch_sizes={...}')"
+            f"model.{option} names {unknown}, which are not in model.branches={names}{also}; name only branches of "
+            f"this model (to replace an experiment's mapping: model.{option}=null '+model.{option}={{...}}')"
         )
+    out = {i: entries[n] for i, n in enumerate(names) if n in entries}
+    out.update({i: entries[k] for i, k in enumerate(keys) if k in entries and k not in names})
+    return out
+
+
+def branch_input_sizes(branches: Sequence[str], image_size: int, branch_sizes: Mapping[str, int] | None) -> list[int]:
+    """Each branch's input size: its model.branch_sizes entry (by branch name, or by key for one copy of a
+    repeated branch), else `image_size` (the size images are decoded at). ConfigError for an entry naming no
+    branch or larger than `image_size`."""
+    entries = branch_entries("branch_sizes", branches, branch_sizes)
     out = []
-    for name in branches:
-        value = sizes.get(str(name), image_size)
+    for i, name in enumerate(branches):
+        value = entries.get(i, image_size)
         try:
             size = int(value)
         except (TypeError, ValueError):

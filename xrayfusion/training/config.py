@@ -11,13 +11,10 @@ from xrayfusion.fusion.checks import validate_fusion
 from xrayfusion.models.backbones import check_backbone_name
 from xrayfusion.models.equalize import check_equalize
 from xrayfusion.models.mixup import mixup_settings
-from xrayfusion.models.module import bf16_branch_indices, branch_input_sizes
+from xrayfusion.models.module import bf16_branch_indices, branch_entries, branch_input_sizes
 from xrayfusion.models.pretrained import has_pretrained, resolve_weights
 from xrayfusion.models.tta import DEFAULT_SCALES, check_tta
 from xrayfusion.training.callbacks import ema_settings
-
-# Hydra merges a mapping override into the one an experiment sets: what to write to replace it instead
-REPLACE_HINT = " (to replace an experiment's mapping: model.{key}=null '+model.{key}={{...}}')"
 
 
 def validate(cfg: Mapping[str, Any]) -> None:
@@ -76,14 +73,9 @@ def branch_sizes_of(value: Any) -> dict[str, int] | None:
 
 
 def _check_trainable_layers(layers: Any, branches: list[str]) -> None:
-    """null, a number of top stages >= 0, or {branch name: that or null} naming branches of the model."""
+    """null, a number of top stages >= 0, or {branch name or key: that or null} naming branches of the model."""
     if isinstance(layers, Mapping):
-        unknown = sorted(str(k) for k in layers if str(k) not in branches)
-        if unknown:
-            raise ConfigError(
-                f"model.trainable_layers names {unknown}, which are not in model.branches={branches}; "
-                f"give top stages only for branches of this model{REPLACE_HINT.format(key='trainable_layers')}"
-            )
+        branch_entries("trainable_layers", branches, layers)
         for name, value in layers.items():
             if value is not None and not _stage_count(value):
                 raise ConfigError(

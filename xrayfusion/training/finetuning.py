@@ -12,6 +12,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from xrayfusion.models.backbones import top_stages, train_trainable_batchnorm
+from xrayfusion.models.module import branch_entries
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +118,7 @@ def stage_plan(model_cfg: Mapping[str, Any], model: pl.LightningModule) -> dict[
     trains the top K stages of ({} when nothing is frozen).
 
     `model.trainable_layers` null or K: with `model.freeze_backbone_epochs` or K, the pretrained branches (all when
-    none is), each with that K. A mapping {branch name: K or null}: the named branches with their K, and, with
+    none is), each with that K. A mapping {branch name or key: K or null}: the named branches with their K, and, with
     `model.freeze_backbone_epochs`, the pretrained ones it does not name, which then train every stage.
     """
     epochs = int(model_cfg.get("freeze_backbone_epochs") or 0)
@@ -126,11 +127,11 @@ def stage_plan(model_cfg: Mapping[str, Any], model: pl.LightningModule) -> dict[
         if not epochs and layers is None:
             return {}
         return {key: None if layers is None else int(layers) for key in _frozen_keys(model)}
-    named = {str(name): value for name, value in layers.items()}
+    named = branch_entries("trainable_layers", list(model.hparams.branches), layers)
     frozen_first = _frozen_keys(model) if epochs else []
     plan: dict[str, int | None] = {}
-    for name, key in zip(model.hparams.branches, model.keys, strict=True):
-        value = named.get(str(name))
+    for i, key in enumerate(model.keys):
+        value = named.get(i)
         if value is not None or key in frozen_first:
             plan[key] = None if value is None else int(value)
     return plan
