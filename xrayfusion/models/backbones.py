@@ -151,12 +151,18 @@ def top_stages(backbone: nn.Module, k: int | None) -> list[nn.Module]:
     return [m for stage in chosen for m in stage]
 
 
+def below_top(backbone: nn.Module, k: int | None) -> list[nn.Parameter]:
+    """The parameters of `backbone` outside its top `k` stages: what `model.trainable_layers=k` keeps frozen."""
+    top = {id(p) for m in top_stages(backbone, k) for p in m.parameters(recurse=False)}
+    return [p for p in backbone.parameters() if id(p) not in top]
+
+
 def freeze_below_top(backbone: nn.Module, k: int) -> None:
     """Freeze all but the top `k` stages of `backbone` in place, as a run with `model.trainable_layers=k` trains
     it: the lower stages get no gradients and their BatchNorm layers run in eval mode."""
-    top = {id(p) for m in top_stages(backbone, k) for p in m.parameters(recurse=False)}
+    frozen = {id(p) for p in below_top(backbone, k)}
     for p in backbone.parameters():
-        p.requires_grad_(id(p) in top)
+        p.requires_grad_(id(p) not in frozen)
     train_trainable_batchnorm(backbone)
 
 

@@ -96,7 +96,7 @@ def freeze_callbacks(model_cfg: Mapping[str, Any], model: pl.LightningModule) ->
     """[BackboneFreeze] when `model.freeze_backbone_epochs` or `model.trainable_layers` asks for it, else [].
 
     A number for `model.trainable_layers` applies to the branches that loaded pretrained weights (all of them when
-    none did); a mapping ({branch name: K or null}) to the branches it names, whatever their weights.
+    none did); a mapping ({branch name or key: K or null}) to the branches it names, whatever their weights.
     """
     stages = stage_plan(model_cfg, model)
     if not stages:

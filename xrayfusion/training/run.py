@@ -39,7 +39,7 @@ from xrayfusion.evaluation import plots
 from xrayfusion.evaluation.pyfunc import log_pyfunc_model
 from xrayfusion.evaluation.report import log_figure, log_test_report
 from xrayfusion.models import FusionClassifier, precision
-from xrayfusion.models.backbones import top_stages
+from xrayfusion.models.backbones import below_top
 from xrayfusion.models.feature_cache import build_store
 from xrayfusion.training import resume as resuming
 from xrayfusion.training import sweep
@@ -250,10 +250,7 @@ def parameter_summary(model: FusionClassifier, top_stages_only: Mapping[str, int
     def count(module: torch.nn.Module) -> int:
         return sum(p.numel() for p in module.parameters())
 
-    frozen: set[int] = set()  # ids of the parameters below the top K stages of those backbones
-    for key, k in (top_stages_only or {}).items():
-        top = {id(p) for m in top_stages(model.backbones[key], k) for p in m.parameters(recurse=False)}
-        frozen |= {id(p) for p in model.backbones[key].parameters()} - top
+    frozen = {id(p) for key, k in (top_stages_only or {}).items() for p in below_top(model.backbones[key], k)}
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad and id(p) not in frozen)
     parts = [f"{k} {millions(count(model.backbones[k]) + count(model.heads[k]))}" for k in model.keys]
     parts.append(f"fusion {millions(count(model.fusion))}")
