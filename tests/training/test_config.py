@@ -27,6 +27,7 @@ def test_experiment_kermany_cpu() -> None:
     assert cfg.model.pretrained and cfg.fusion.weights == "learned" and cfg.metrics.threshold == "youden"
     assert cfg.data.image_size == 128 and cfg.trainer.max_epochs == 8 and cfg.model.bf16_branches == "auto"
     assert dict(cfg.model.branch_sizes) == {"small_cnn": 96} and cfg.fusion.prefer_equal is True
+    assert cfg.model.equalize == "hist" and cfg.model.tta == "flips"
     assert cfg.data.augment.brightness == 0.3 and cfg.data.augment.degrees == 15.0
     assert cfg.data.augment.hflip == 0.5  # the group default survives the experiment's partial augment block
 
