@@ -47,7 +47,7 @@ def bf16_branch_indices(branches: Sequence[str], bf16_branches: Sequence[str] | 
     if unknown:
         raise ValueError(
             f"model.bf16_branches names {unknown}, which are not in model.branches={list(branches)}; "
-            "list only branches of this model"
+            "list only branches of this model, e.g. 'model.bf16_branches=[]' or model.bf16_branches=auto (timed)"
         )
     return [i for i, b in enumerate(branches) if b in set(bf16_branches)]
 
