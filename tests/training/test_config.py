@@ -27,7 +27,7 @@ def test_experiment_kermany_cpu() -> None:
     assert cfg.model.pretrained and cfg.fusion.weights == "learned" and cfg.metrics.threshold == "youden"
     assert cfg.data.image_size == 128 and cfg.trainer.max_epochs == 8 and list(cfg.model.bf16_branches) == ["small_cnn"]
     assert dict(cfg.model.branch_sizes) == {"small_cnn": 96} and cfg.fusion.prefer_equal is True
-    assert cfg.model.equalize == "hist" and cfg.model.tta == "flips"
+    assert cfg.model.equalize == "hist" and cfg.model.tta == "flips_scales"
     assert cfg.data.augment.brightness == 0.3 and cfg.data.augment.degrees == 15.0
     assert cfg.data.augment.hflip == 0.5  # the group default survives the experiment's partial augment block
 
@@ -54,6 +54,11 @@ def test_experiment_kermany_cpu() -> None:
         (
             ["experiment=kermany_cpu", "model.branches=[efficientnet_lite0,efficientnet_lite1]"],
             "to replace an experiment's mapping: model.branch_sizes=null",
+        ),
+        # kermany_cpu names small_cnn in bf16: a model without it is told how to time its own branches instead
+        (
+            ["experiment=kermany_cpu", "model.branches=[efficientnet_lite0,resnet18]", "model.branch_sizes=null"],
+            "list only branches of this model, e.g. 'model.bf16_branches=",
         ),
     ],
 )
