@@ -57,7 +57,12 @@ def test_experiment_kermany_cpu() -> None:
         ),
         # kermany_cpu names small_cnn in bf16: a model without it is told how to time its own branches instead
         (
-            ["experiment=kermany_cpu", "model.branches=[efficientnet_lite0,resnet18]", "model.branch_sizes=null"],
+            [
+                "experiment=kermany_cpu",
+                "model.branches=[efficientnet_lite0,resnet18]",
+                "model.branch_sizes=null",
+                "model.pretrained=false",
+            ],
             "list only branches of this model, e.g. 'model.bf16_branches=",
         ),
     ],
