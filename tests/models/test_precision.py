@@ -95,6 +95,43 @@ def test_explicit_list_is_used_as_given(fake_timings: TimingCalls) -> None:
     assert bf16_param(cfg, build_model(cfg, dm)) == "none"
 
 
+def test_named_branches_train_in_float32_on_a_cpu_without_bf16_units(fake_timings, monkeypatch, caplog) -> None:
+    from xrayfusion.training.factory import bf16_fallback_param
+
+    monkeypatch.setattr(precision, "cpu_bf16_support", lambda: "none")
+    cfg, dm = _cfg("model.bf16_branches=[resnet18]")
+    with caplog.at_level("WARNING"):
+        model = build_model(cfg, dm)
+    assert model.bf16_keys == frozenset() and model.hparams.bf16_branches == []
+    assert bf16_param(cfg, model) == "none"
+    assert bf16_fallback_param(cfg, model) == "float32 (no bf16 units on this CPU): resnet18"
+    assert "neither AMX nor AVX512-BF16" in caplog.text and "model.bf16_fallback=emulate" in caplog.text
+    cfg, dm = _cfg("model.bf16_branches=all")
+    assert (
+        bf16_fallback_param(cfg, model := build_model(cfg, dm))
+        == ("float32 (no bf16 units on this CPU): small_cnn,resnet18")
+        and model.bf16_keys == frozenset()
+    )
+    # emulate keeps the bf16 the config names; a GPU run and a CPU with bf16 units never fall back
+    for overrides, cpu in (
+        ("model.bf16_fallback=emulate", "none"),
+        ("trainer.accelerator=gpu", "none"),
+        ("seed=0", "amx"),
+    ):
+        monkeypatch.setattr(precision, "cpu_bf16_support", lambda cpu=cpu: cpu)
+        cfg, dm = _cfg("model.bf16_branches=[resnet18]", overrides)
+        model = build_model(cfg, dm)
+        assert model.bf16_keys == {"resnet18"} and bf16_fallback_param(cfg, model) is None, overrides
+
+
+def test_bad_bf16_fallback_is_a_config_error() -> None:
+    from xrayfusion.training.config import validate
+
+    cfg, _ = _cfg("model.bf16_fallback=fp16")
+    with pytest.raises(ConfigError, match=r"model.bf16_fallback='fp16' must be one of float32, emulate"):
+        validate(cfg)
+
+
 @pytest.mark.parametrize("value", ["true", "3", "fast"])
 def test_bad_bf16_branches_values_are_config_errors(value: str) -> None:
     from xrayfusion.training.config import validate

@@ -93,6 +93,29 @@ def test_speed_switches_together_train_and_log(cli_in_process, tracking_uri: str
     assert params["model/channels_last"] == "True" and params["model/bf16_branches"] == "['small_cnn']"
 
 
+def test_named_bf16_branch_falls_back_to_float32_without_bf16_units(cli_in_process, tracking_uri, monkeypatch) -> None:
+    from xrayfusion.models import precision
+
+    monkeypatch.setattr(precision, "cpu_bf16_support", lambda: "none")
+    result = cli_in_process(
+        [
+            "model=ensemble",
+            "model.branches=[resnet18,small_cnn]",
+            "model.bf16_branches=[small_cnn]",
+            "trainer.accelerator=cpu",
+            *SMALL_SYNTHETIC,
+        ]
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "so these branches train in float32 (model.bf16_fallback=float32)" in result.stderr + result.stdout
+    client = mlflow.MlflowClient(tracking_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("xrayfusion").experiment_id])
+    params = run.data.params
+    assert params["model/bf16_branches"] == "['small_cnn']" and params["precision/bf16_branches"] == "none"
+    assert params["precision/bf16_fallback"] == "float32 (no bf16 units on this CPU): small_cnn"
+    assert_logged_test_metrics_recompute(tracking_uri, run.info.run_id)
+
+
 @pytest.mark.slow
 def test_bf16_branches_auto_logs_its_choice(cli_in_process, tracking_uri: str) -> None:
     result = cli_in_process(

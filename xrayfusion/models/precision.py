@@ -23,6 +23,12 @@ from xrayfusion.models.backbones import freeze_below_top
 log = logging.getLogger(__name__)
 
 AUTO = "auto"
+# model.bf16_fallback: what named bf16 branches (model.bf16_branches=[...] or all) do on a CPU without bf16 units
+# (neither AMX nor AVX512-BF16), where bf16 is emulated at a tenth of float32's speed or less: run in float32
+# (a slightly different network from one trained with bf16 units), or keep the emulated bf16
+FALLBACK_FLOAT32 = "float32"
+FALLBACK_EMULATE = "emulate"
+FALLBACKS = (FALLBACK_FLOAT32, FALLBACK_EMULATE)
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from xrayfusion.models.backbones import check_backbone_name
 from xrayfusion.models.equalize import check_equalize
 from xrayfusion.models.mixup import mixup_settings
 from xrayfusion.models.module import bf16_branch_indices, branch_entries, branch_input_sizes
+from xrayfusion.models.precision import FALLBACK_FLOAT32, FALLBACKS
 from xrayfusion.models.pretrained import has_pretrained, resolve_weights
 from xrayfusion.models.tta import DEFAULT_SCALES, check_tta
 from xrayfusion.training.callbacks import ema_settings
@@ -55,6 +56,12 @@ def validate(cfg: Mapping[str, Any]) -> None:
         branch_sizes_of(cfg["model"].get("branch_sizes")),
     )
     _check_transfer(cfg["model"], [str(b) for b in branches])
+    fallback = cfg["model"].get("bf16_fallback") or FALLBACK_FLOAT32
+    if fallback not in FALLBACKS:
+        raise ConfigError(
+            f"model.bf16_fallback={fallback!r} must be one of {', '.join(FALLBACKS)}: what named bf16 branches do on "
+            "a CPU without bf16 units, e.g. model.bf16_fallback=float32"
+        )
     try:
         bf16_branch_indices([str(b) for b in branches], cfg["model"].get("bf16_branches"))
     except ValueError as err:

@@ -38,6 +38,8 @@ def build_model(cfg: DictConfig, dm: XRayDataModule, bf16_branches: Sequence[str
     weights = dm.loss_weights()
     scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
     configured = _bf16_branches(cfg.model.get("bf16_branches"))
+    if bf16_branches is None:
+        configured = _cpu_bf16_fallback(cfg, configured)
     model = FusionClassifier(
         branches=list(cfg.model.branches),
         num_classes=dm.num_classes,
@@ -94,6 +96,41 @@ def _bf16_branches(value: Any) -> list[str] | str:
     if value is None or isinstance(value, str):
         return value or []
     return [str(v) for v in value]
+
+
+def _cpu_bf16_fallback(cfg: DictConfig, configured: list[str] | str) -> list[str] | str:
+    """model.bf16_fallback=float32: on a CPU run whose CPU has no bf16 units, the named bf16 branches run in float32
+    (trainer.precision=bf16-* asks for the whole model in bf16 and is left as asked, with start_run's warning)."""
+    if configured in ([], precision.AUTO) or trainer_bf16(cfg) or not emulates_bf16(cfg):
+        return configured
+    if bf16_fallback(cfg) != precision.FALLBACK_FLOAT32:
+        return configured
+    log.warning(
+        "model.bf16_branches=%s: this CPU has neither AMX nor AVX512-BF16, where bf16 is emulated (5-10x slower than "
+        "float32), so these branches train in float32 (model.bf16_fallback=float32): a slightly different network "
+        "from one trained with bf16 units; model.bf16_fallback=emulate keeps bf16",
+        configured if isinstance(configured, str) else "[" + ",".join(configured) + "]",
+    )
+    return []
+
+
+def bf16_fallback(cfg: DictConfig) -> str:
+    """model.bf16_fallback (float32 when unset)."""
+    return str(cfg.model.get("bf16_fallback") or precision.FALLBACK_FLOAT32)
+
+
+def emulates_bf16(cfg: DictConfig) -> bool:
+    """A CPU run on a CPU without bf16 units (neither AMX nor AVX512-BF16)."""
+    return not on_gpu(cfg.trainer.get("accelerator")) and precision.cpu_bf16_support() == "none"
+
+
+def bf16_fallback_param(cfg: DictConfig, model: FusionClassifier) -> str | None:
+    """For MLflow: the named bf16 branches model.bf16_fallback=float32 put in float32 on this CPU (None: none)."""
+    configured = _bf16_branches(cfg.model.get("bf16_branches"))
+    if configured in ([], precision.AUTO) or trainer_bf16(cfg) or model.bf16_branch_names:
+        return None
+    names = list(model.hparams.branches) if configured == "all" else configured
+    return f"float32 (no bf16 units on this CPU): {','.join(names)}"
 
 
 def on_gpu(accelerator: str | None) -> bool:

@@ -44,7 +44,16 @@ from xrayfusion.models.feature_cache import build_store
 from xrayfusion.training import resume as resuming
 from xrayfusion.training import sweep
 from xrayfusion.training.config import validate
-from xrayfusion.training.factory import TrainerParts, bf16_param, build_model, build_trainer, restore_best, trainer_bf16
+from xrayfusion.training.factory import (
+    TrainerParts,
+    bf16_fallback,
+    bf16_fallback_param,
+    bf16_param,
+    build_model,
+    build_trainer,
+    restore_best,
+    trainer_bf16,
+)
 from xrayfusion.training.finetuning import frozen_for_whole_run, trained_top_stages
 from xrayfusion.training.fusion_phase import FusionOutcome, fit_fusion
 
@@ -101,7 +110,8 @@ def start_run(cfg: DictConfig) -> Run:
     out_dir.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(int(cfg.seed), workers=True)
     runtime.configure_torch(**(OmegaConf.to_container(cfg.runtime) if cfg.get("runtime") else {}))
-    if cfg.model.get("bf16_branches") not in (None, [], precision.AUTO) or trainer_bf16(cfg):
+    named_bf16 = cfg.model.get("bf16_branches") not in (None, [], precision.AUTO)
+    if trainer_bf16(cfg) or (named_bf16 and bf16_fallback(cfg) == precision.FALLBACK_EMULATE):
         runtime.warn_slow_cpu_bf16(str(cfg.trainer.get("accelerator", "auto")))
 
     dm = XRayDataModule(OmegaConf.to_container(cfg.data, resolve=True))
@@ -138,6 +148,7 @@ def log_inputs(run: Run) -> None:
             **{f"data/n_{s}": len(getattr(source, s)) for s in ("train", "val", "test") if getattr(source, s)},
             # the branches that run in bf16 autocast (model.bf16_branches=auto resolved by measurement)
             "precision/bf16_branches": bf16_param(cfg, run.model),
+            **({"precision/bf16_fallback": fallback} if (fallback := bf16_fallback_param(cfg, run.model)) else {}),
         },
     )
     tracking.log_params(logger, {f"weights/{k}": v or "none" for k, v in run.model.weights_sources.items()})
