@@ -93,6 +93,7 @@ def test_speed_switches_together_train_and_log(cli_in_process, tracking_uri: str
     assert params["model/channels_last"] == "True" and params["model/bf16_branches"] == "['small_cnn']"
 
 
+@pytest.mark.slow
 def test_named_bf16_branch_falls_back_to_float32_without_bf16_units(cli_in_process, tracking_uri, monkeypatch) -> None:
     from xrayfusion.models import precision
 
