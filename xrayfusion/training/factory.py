@@ -99,11 +99,8 @@ def _bf16_branches(value: Any) -> list[str] | str:
 
 
 def _cpu_bf16_fallback(cfg: DictConfig, configured: list[str] | str) -> list[str] | str:
-    """model.bf16_fallback=float32: on a CPU run whose CPU has no bf16 units, the named bf16 branches run in float32
-    (trainer.precision=bf16-* asks for the whole model in bf16 and is left as asked, with start_run's warning)."""
-    if configured in ([], precision.AUTO) or trainer_bf16(cfg) or not emulates_bf16(cfg):
-        return configured
-    if bf16_fallback(cfg) != precision.FALLBACK_FLOAT32:
+    """The bf16 branches to build: none when `falls_back_to_float32(cfg)`, with a warning; else `configured`."""
+    if not falls_back_to_float32(cfg):
         return configured
     log.warning(
         "model.bf16_branches=%s: this CPU has neither AMX nor AVX512-BF16, where bf16 is emulated (about a tenth of "
@@ -119,16 +116,23 @@ def bf16_fallback(cfg: DictConfig) -> str:
     return str(cfg.model.get("bf16_fallback") or precision.FALLBACK_FLOAT32)
 
 
-def emulates_bf16(cfg: DictConfig) -> bool:
-    """A CPU run on a CPU without bf16 units (neither AMX nor AVX512-BF16)."""
-    return not on_gpu(cfg.trainer.get("accelerator")) and precision.cpu_bf16_support() == "none"
+def falls_back_to_float32(cfg: DictConfig) -> bool:
+    """model.bf16_fallback=float32 applies: named bf16 branches (a list or all) on a CPU run whose CPU has no bf16
+    units (trainer.precision=bf16-* asks for the whole model in bf16 and is left as asked, with start_run's warning)."""
+    return (
+        _bf16_branches(cfg.model.get("bf16_branches")) not in ([], precision.AUTO)
+        and not trainer_bf16(cfg)
+        and bf16_fallback(cfg) == precision.FALLBACK_FLOAT32
+        and not on_gpu(cfg.trainer.get("accelerator"))
+        and precision.cpu_bf16_support() == "none"
+    )
 
 
 def bf16_fallback_param(cfg: DictConfig, model: FusionClassifier) -> str | None:
     """For MLflow: the named bf16 branches model.bf16_fallback=float32 put in float32 on this CPU (None: none)."""
-    configured = _bf16_branches(cfg.model.get("bf16_branches"))
-    if configured in ([], precision.AUTO) or trainer_bf16(cfg) or model.bf16_branch_names:
+    if not falls_back_to_float32(cfg):
         return None
+    configured = _bf16_branches(cfg.model.get("bf16_branches"))
     names = list(model.hparams.branches) if configured == "all" else configured
     return f"float32 (no bf16 units on this CPU): {','.join(names)}"
 
