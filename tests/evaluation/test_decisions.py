@@ -182,3 +182,32 @@ def test_the_cross_fit_fuses_test_time_views_as_the_model_does(fusion: str) -> N
     val = Predictions(out.logits, out.probs, out.fused, labels, out.keys, out.view_logits)
     groups = [f"p{i}" for i in range(40)]
     assert torch.allclose(decisions.crossfit_fused(model, val, groups, seed=0), out.fused, atol=1e-6)
+
+
+@pytest.mark.parametrize("tta", ["none", "flips_scales"])
+def test_refusing_the_branch_outputs_gives_what_predicting_again_gives(tta: str) -> None:
+    torch.manual_seed(0)
+    model = FusionClassifier(
+        branches=["small_cnn", "darknet"],
+        num_classes=2,
+        fusion={"name": "average", "weights": "learned"},
+        image_size=32,
+        tta=tta,
+        tta_scales=[1.25],
+    ).eval()
+    model.temperature.copy_(torch.tensor([1.3, 0.8]))
+    images = torch.randint(0, 256, (21, 1, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    before = predict(model, images, batch_size=8)
+    model.fusion.weights.copy_(torch.tensor([0.8, 0.2]))  # what a fit, or fusion.prefer_equal, does to them
+    again = predict(model, images, batch_size=8)
+    assert not torch.equal(again.fused, before.fused)
+    refused = decisions.refused(model, before, batch_size=8)
+    assert torch.equal(refused.fused, again.fused)  # to the bit: the logged predictions are the served ones
+    assert torch.equal(refused.probs, again.probs) and torch.equal(refused.logits, again.logits)
+
+
+def test_a_fusion_of_features_cannot_be_refused_from_probabilities() -> None:
+    model = tiny_model("concat")
+    images = torch.randint(0, 256, (4, 1, 32, 32), dtype=torch.uint8)
+    with pytest.raises(ValueError, match="reads the branch features"):
+        decisions.refused(model, predict(model, images), batch_size=4)

@@ -75,3 +75,35 @@ def test_ema_mixup_clahe_run_validates_what_it_saves_and_logs_branch_diversity(
     assert result.returncode == 0, result.stderr[-3000:]
     assert "no ROC plot: no compared run has val/predictions.csv" in result.stdout + result.stderr
     assert not Path("val_roc.png").exists()
+
+
+@pytest.mark.slow
+def test_tta_each_epoch_false_validates_epochs_on_the_image_alone_and_serves_the_views(
+    train_task, tracking_uri: str, tmp_path: Path
+) -> None:
+    from xrayfusion.models import FusionClassifier
+
+    args = ["model=ensemble", "model.branches=[small_cnn,darknet]", "fusion=average", "model.tta=flips"]
+    train_task([*SMALL_SYNTHETIC, *args, "model.tta_each_epoch=false"])
+    client = mlflow.MlflowClient(tracking_uri)
+    [run] = client.search_runs([client.get_experiment_by_name("xrayfusion").experiment_id])
+    logged, out = run.data.metrics, tmp_path / "outputs/run"
+    model = load_classifier(out / "checkpoints/best.ckpt")
+    assert model.hparams.tta == "flips" and len(model.views) == 2 and model.hparams.tta_each_epoch is False
+    data_cfg = OmegaConf.to_container(OmegaConf.load(out / "config.yaml").data, resolve=True)
+
+    # the epoch's validation (the best-epoch choice, the val/ metrics): the image alone
+    plain = FusionClassifier(**{**model.hparams, "tta": "none", "load_weights": False}).eval()
+    plain.load_state_dict(model.state_dict())
+    plain_results, plain_frame = evaluate_model(plain, data_cfg, "val", n_bootstrap=0)
+    plain_values = plain_results.set_index(["model", "metric"])["value"]
+    for name in ("small_cnn", "darknet", "fused"):
+        for metric in ("auroc", "ece"):  # the calibration error moves with any probability
+            assert plain_values[name, metric] == pytest.approx(logged[f"val/{name}/{metric}"], abs=1e-6), name
+    # everything after training averages the views: the fused validation score the run ranks on, and the served model
+    results, frame = evaluate_model(model, data_cfg, "val", n_bootstrap=0)
+    values = results.set_index(["model", "metric"])["value"]
+    assert values["fused", "auroc"] == pytest.approx(logged["fusion/val_auroc"], abs=1e-6)
+    assert values["fused", "ece"] != pytest.approx(logged["val/fused/ece"], abs=1e-6)
+    column = [c for c in frame.columns if c.startswith("fused/")][-1]
+    assert not frame[column].equals(plain_frame[column])  # the views do change the probabilities

@@ -46,6 +46,7 @@ def test_experiment_kermany_cpu() -> None:
         (["model.equalize=clahe", "data.image_size=8", "model.clahe.grid=[8,8]"], "needs images larger than 8 px"),
         (["model.mixup.cutmix_alpha=-1"], "model.mixup.cutmix_alpha=-1.0"),
         (["model.ema.decay=1"], "model.ema.decay=1"),
+        (["model.tta_each_epoch=sometimes"], "model.tta_each_epoch='sometimes' must be true or false"),
         (["model.trainable_layers=-1"], "model.trainable_layers=-1 must be null"),
         (["model.trainable_layers={resnet50: 0}"], "model.trainable_layers names"),
         (["model.trainable_layers={resnet18: -2}"], "model.trainable_layers.resnet18=-2 must be null"),

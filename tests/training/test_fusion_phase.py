@@ -59,7 +59,7 @@ class _Logger:
     [(False, False, "none"), (True, False, "holdout"), (True, True, None)],
 )
 def test_prefer_equal_keeps_equal_weights_only_when_validation_cannot_tell_them_apart(
-    monkeypatch, noise_b: bool, calibrated: bool, kept: str | None
+    noise_b: bool, calibrated: bool, kept: str | None
 ) -> None:
     import functools
 
@@ -86,10 +86,7 @@ def test_prefer_equal_keeps_equal_weights_only_when_validation_cannot_tell_them_
         optimizer=functools.partial(torch.optim.SGD, lr=1e-2),
     )
 
-    def predictions(model, dm) -> Predictions:  # what the model's current weights make of the branch outputs
-        return Predictions(probs.log(), probs, model.fusion(probs, [])[0], labels, tuple(model.keys))
-
-    monkeypatch.setattr(fusion_phase, "_val", predictions)
+    before = Predictions(probs.log(), probs, probs.mean(1), labels, tuple(model.keys))  # under equal weights
     params = model.fusion.fit(probs, labels, names=model.keys)
     model.hparams.fusion_fitted_on = "holdout"
     if calibrated:
@@ -97,7 +94,7 @@ def test_prefer_equal_keeps_equal_weights_only_when_validation_cannot_tell_them_
     learned = model.fusion.weights.clone()
     logger = _Logger()
     cfg = OmegaConf.create({"metrics": {"bootstrap": 200}})
-    val, fitted_on, logged = fusion_phase._prefer_equal(cfg, model, None, groups, logger, params)
+    val, fitted_on, logged = fusion_phase._prefer_equal(cfg, model, before, 64, groups, logger, params)
     metrics = logger.metrics
     low, high = metrics["fusion/learned_minus_equal_ci_low"], metrics["fusion/learned_minus_equal_ci_high"]
     assert low <= metrics["fusion/learned_val_auroc"] - metrics["fusion/equal_val_auroc"] <= high

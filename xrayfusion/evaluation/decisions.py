@@ -49,6 +49,22 @@ def fuse_views(fusion: torch.nn.Module, view_probs: torch.Tensor) -> torch.Tenso
         return torch.stack([fusion(view_probs[:, v], [])[0].float() for v in range(view_probs.shape[1])]).mean(0)
 
 
+def refused(model: FusionClassifier, val: Predictions, batch_size: int) -> Predictions:
+    """`val` (the model's predictions, by `predict` in batches of `batch_size`) with the fused probabilities the
+    model's fusion gives now, e.g. after its weights changed: what predicting the same images again gives, to the
+    bit, without running the backbones again (the branch outputs do not depend on the fusion). Every test-time view
+    is fused as the model fuses it, batch by batch as `predict` ran. Fusions of probabilities only (`uses_probs`)."""
+    if not model.fusion.uses_probs:
+        raise ValueError(f"fusion {model.fusion.name!r} reads the branch features: predict the images again")
+    if val.view_logits is None:  # one view: the model's own branch probabilities
+        views = val.probs[:, None]
+    else:
+        views = calibration.view_probs(val.view_logits, model.temperature.cpu())
+    parts = [fuse_views(model.fusion, views[i : i + batch_size]) for i in range(0, len(val), batch_size)]
+    fused = torch.cat(parts) if parts else val.fused
+    return Predictions(val.logits, val.probs, fused, val.labels, val.keys, val.view_logits)
+
+
 def crossfit_fused(
     model: FusionClassifier, val: Predictions, groups: Sequence[str], seed: int, n_splits: int = INNER_FOLDS
 ) -> torch.Tensor:

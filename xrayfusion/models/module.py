@@ -128,7 +128,8 @@ class FusionClassifier(pl.LightningModule):
     (normalisation included) without reading weight files, e.g. before loading a checkpoint offline.
     `tta` ('flips', 'scales' with `tta_scales`, 'flips_scales'; models/tta.py) averages the probabilities of
     each image's views in eval mode (validation, test, evaluate, predict and the served model alike; training
-    steps never see it).
+    steps never see it). `tta_each_epoch=False` leaves the views out of each training epoch's validation (the
+    best-epoch choice and the val/ curves then see the image alone); every pass after training still averages them.
     `equalize` ('hist' or 'clahe', with `clahe_clip_limit` and `clahe_grid`) equalises every input image on the
     device before normalisation (kornia), in every forward: training, validation, test and serving alike.
     `mixup` (model.mixup: mixup_alpha, cutmix_alpha, prob, switch_prob, label_smoothing) mixes training batches
@@ -171,6 +172,7 @@ class FusionClassifier(pl.LightningModule):
         data_split: Mapping[str, Any] | None = None,
         tta: str = "none",
         tta_scales: Sequence[float] = DEFAULT_SCALES,
+        tta_each_epoch: bool = True,
         branch_sizes: Mapping[str, int] | None = None,
         equalize: str = "none",
         clahe_clip_limit: float = 40.0,
@@ -426,7 +428,11 @@ class FusionClassifier(pl.LightningModule):
 
     def _eval_step(self, stage: str, batch: Sequence[torch.Tensor]) -> dict[str, torch.Tensor | None]:
         x, y, features, view_features = self._unpack(batch, stage)
-        out = self(x, features, view_features)
+        if self.hparams.get("tta_each_epoch", True) or len(self.views) == 1:
+            out = self(x, features, view_features)
+        else:  # model.tta_each_epoch=false: this epoch's validation sees the image alone
+            with self._model_autocast(x.device):
+                out = self._forward(x, features)
         self.log(f"{stage}/loss", self._loss(out, y), on_step=False, on_epoch=True, batch_size=len(y), sync_dist=True)
         collections = self.metrics[stage]
         for i, key in enumerate(self.keys):

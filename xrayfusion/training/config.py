@@ -29,6 +29,8 @@ def validate(cfg: Mapping[str, Any]) -> None:
         raise ConfigError(f"model.branches={branches!r} must be a non-empty list, e.g. 'model.branches=[resnet18]'")
     check_source_name(cfg["data"].get("name"))
     check_tta(cfg["model"].get("tta", "none"), cfg["model"].get("tta_scales", DEFAULT_SCALES))
+    if not isinstance(cfg["model"].get("tta_each_epoch", True), bool):
+        raise ConfigError(f"model.tta_each_epoch={cfg['model'].get('tta_each_epoch')!r} must be true or false")
     clahe = cfg["model"].get("clahe") or {}
     check_equalize(
         cfg["model"].get("equalize") or "none",

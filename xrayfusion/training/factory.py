@@ -59,6 +59,7 @@ def build_model(cfg: DictConfig, dm: XRayDataModule, bf16_branches: Sequence[str
         data_split=split_record(cfg, dm),
         tta=str(cfg.model.get("tta", "none")),
         tta_scales=list(parse_scales(cfg.model.get("tta_scales", DEFAULT_SCALES))),
+        tta_each_epoch=bool(cfg.model.get("tta_each_epoch", True)),
         branch_sizes=branch_sizes_of(cfg.model.get("branch_sizes")),
         **input_switches(cfg.model),
         optimizer=instantiate(cfg.optimizer),

@@ -132,7 +132,8 @@ def _score(
 def _prefer_equal(
     cfg: DictConfig,
     model: FusionClassifier,
-    dm: XRayDataModule,
+    val: Predictions,
+    batch_size: int,
     groups: Sequence[str],
     logger: MLFlowLogger,
     params: dict[str, Any],
@@ -143,14 +144,16 @@ def _prefer_equal(
     paired bootstrap interval (the validation patients resampled) of learned-minus-equal AUROC lies above 0;
     without an interval they stay too. Returns the validation predictions of the weights kept, where they were
     fitted (`none` for equal weights) and their params; logs both scores, the interval and the decision
-    (`fusion/prefer_equal_choice`)."""
+    (`fusion/prefer_equal_choice`). `val`: the model's validation predictions (`_val`, in batches of
+    `batch_size`) under any weights: both candidates' are their branch outputs fused again (`decisions.refused`,
+    the same to the bit as predicting again, without the backbones' passes)."""
     seed = decisions.crossfit_seed(model)
     fitted_on, fitted = str(model.hparams.fusion_fitted_on), model.fusion.weights.clone()
-    learned_val = _val(model, dm)
+    learned_val = decisions.refused(model, val, batch_size)
     learned_fused = decisions.held_out_fused(model, learned_val, groups, seed)[0]
     model.fusion.weights.fill_(1.0 / len(model.keys))
     model.hparams.fusion_fitted_on = "none"
-    equal_val = _val(model, dm)
+    equal_val = decisions.refused(model, val, batch_size)
     equal_fused = decisions.held_out_fused(model, equal_val, groups, seed)[0]
     labels = learned_val.labels
     learned = float(compute_metrics(labels, learned_fused)["auroc"])
@@ -241,9 +244,12 @@ def fit_fusion(
             out_dir / "oof_predictions.csv", probs, labels, folds, held.names, held.groups, model.keys, dm.class_names
         )
         tracking.log_artifact(logger, path)
-        val = None  # the fused probabilities changed
+        branch_val, val = val, None  # the fused probabilities changed (the branch outputs did not)
         if cfg.fusion.get("prefer_equal", False) and model.fusion.name == "average":  # learned weights
-            val, fitted_on, params = _prefer_equal(cfg, model, dm, source.val.groups, logger, params)
+            branch_val = branch_val or _val(model, dm)
+            val, fitted_on, params = _prefer_equal(
+                cfg, model, branch_val, dm.batch_size, source.val.groups, logger, params
+            )
         tracking.log_params(logger, {"fusion/fitted_on": fitted_on})
         tracking.log_params(logger, params)
     val = val or _val(model, dm)
