@@ -26,8 +26,8 @@ def test_experiment_kermany_cpu() -> None:
     assert cfg.data.name == "kermany" and list(cfg.model.branches) == ["efficientnet_lite0", "small_cnn"]
     assert cfg.model.pretrained and cfg.fusion.weights == "learned" and cfg.metrics.threshold == "youden"
     assert cfg.data.image_size == 128 and cfg.trainer.max_epochs == 8 and list(cfg.model.bf16_branches) == ["small_cnn"]
-    assert dict(cfg.model.branch_sizes) == {"small_cnn": 96} and cfg.fusion.prefer_equal is True
-    assert cfg.model.equalize == "hist" and cfg.model.tta == "flips_scales"
+    assert dict(cfg.model.branch_sizes) == {"small_cnn": 64} and cfg.fusion.prefer_equal is True
+    assert cfg.model.equalize == "hist" and cfg.model.tta == "flips_scales" and cfg.model.tta_each_epoch is False
     assert cfg.data.augment.brightness == 0.3 and cfg.data.augment.degrees == 15.0
     assert cfg.data.augment.hflip == 0.5  # the group default survives the experiment's partial augment block
 
