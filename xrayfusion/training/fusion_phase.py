@@ -246,7 +246,7 @@ def fit_fusion(
         tracking.log_artifact(logger, path)
         branch_val, val = val, None  # the fused probabilities changed (the branch outputs did not)
         if cfg.fusion.get("prefer_equal", False) and model.fusion.name == "average":  # learned weights
-            branch_val = branch_val or _val(model, dm)
+            branch_val = branch_val if branch_val is not None else _val(model, dm)
             val, fitted_on, params = _prefer_equal(
                 cfg, model, branch_val, dm.batch_size, source.val.groups, logger, params
             )
