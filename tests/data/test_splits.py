@@ -41,6 +41,13 @@ def test_grouped_folds_cover_every_index_once() -> None:
     assert sorted(held.tolist()) == list(range(100))
 
 
+def test_grouped_folds_refuse_more_folds_than_the_largest_class_has_images() -> None:
+    # 8 patients of one image, 4 per class: 5 stratified folds are impossible (sklearn raises a bare ValueError)
+    with pytest.raises(ConfigError, match="no class has more than 4 images"):
+        grouped_folds([0, 1] * 4, [f"p{i}" for i in range(8)], 5, seed=0)
+    assert len(grouped_folds([0, 1] * 4, [f"p{i}" for i in range(8)], 4, seed=0)) == 4
+
+
 @pytest.mark.parametrize("fraction", [0.0, 1.0, -0.1])
 def test_bad_val_fraction(fraction: float) -> None:
     with pytest.raises(ConfigError, match="val_fraction"):

@@ -36,6 +36,12 @@ def grouped_folds(
         raise ConfigError(
             f"cannot make {n_splits} patient-grouped folds from {n_groups} patients; use between 2 and {n_groups} folds"
         )
+    largest_class = int(np.bincount(labels).max()) if labels.size else 0
+    if n_splits > largest_class:  # StratifiedGroupKFold's own check, raised as a ValueError with a traceback
+        raise ConfigError(
+            f"cannot make {n_splits} class-stratified folds when no class has more than {largest_class} images; "
+            f"use between 2 and {largest_class} folds or more data"
+        )
     splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     return list(splitter.split(np.zeros(len(labels)), labels, groups=list(groups)))
 
