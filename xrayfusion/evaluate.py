@@ -22,7 +22,7 @@ def main(cfg: DictConfig) -> None:
     run_id = tracking.resolve_run_id(uri, str(cfg.run_id)) if cfg.run_id else None  # a unique prefix is enough
     model = loading.resolve_classifier(run_id, cfg.ckpt_path, uri, cfg.device)
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
-    results, predictions = evaluate.evaluate_model(
+    evaluation = evaluate.evaluate_model(
         model,
         data_cfg,
         cfg.split,
@@ -32,10 +32,17 @@ def main(cfg: DictConfig) -> None:
         int(cfg.batch_size),
     )
     prefix = f"eval/{cfg.name}" if cfg.split == "test" else f"eval/{cfg.name}_{cfg.split}"
-    print(f"{prefix} ({len(predictions)} images, 95% bootstrap intervals over {cfg.metrics.bootstrap} resamples)")
-    print(metrics.results_table(results).to_markdown(index=False))
+    n_images = len(evaluation.predictions)
+    print(f"{prefix} ({n_images} images, 95% bootstrap intervals over {cfg.metrics.bootstrap} resamples)")
+    print(metrics.results_table(evaluation.results).to_markdown(index=False))
+    if evaluation.diversity:  # ensembles: how differently the branches decide at their thresholds
+        d = evaluation.diversity
+        print(
+            f"branch diversity: mean disagreement {d['mean_disagreement']:.3f}, "
+            f"mean error correlation {d['mean_error_corr']:.3f}"
+        )
     if cfg.log and run_id:
-        evaluate.log_evaluation(uri, run_id, prefix, results, predictions)
+        evaluate.log_evaluation(uri, run_id, prefix, evaluation)
         log.info("logged %s/... into run %s", prefix, run_id)
     elif cfg.log:
         log.info("ckpt_path has no run to log into; printed only")

@@ -66,6 +66,15 @@ def test_train_compare_evaluate_predict_serve(cli_in_process, tracking_uri: str,
             assert f"eval/synthetic/{model}/{metric}" in logged
         assert logged[f"eval/synthetic/{model}/auroc_ci_low"] <= logged[f"eval/synthetic/{model}/auroc_ci_high"]
     assert "eval/synthetic/predictions.csv" in artifact_paths(client, stacking)
+    # the branches' diversity on the evaluated split, printed, logged, and shown by compare under that prefix
+    assert "branch diversity: mean disagreement" in result.stdout
+    pair = "eval/synthetic/diversity/small_cnn__darknet"
+    assert 0 <= logged[f"{pair}/disagreement"] <= 1
+    assert logged["eval/synthetic/diversity/mean_disagreement"] == logged[f"{pair}/disagreement"]
+    result = cli_in_process(["prefix=eval/synthetic"], module="compare")
+    assert result.returncode == 0, result.stderr[-3000:]
+    shown = pd.read_csv(tmp_path / "comparison.csv").set_index("run_id").loc[stacking]
+    assert shown["mean_disagreement"] == pytest.approx(logged["eval/synthetic/diversity/mean_disagreement"])
     result = cli_in_process([*args, "log=false", "name=printed"], module="evaluate")
     assert result.returncode == 0 and "eval/printed" in result.stdout
     assert not any(k.startswith("eval/printed") for k in client.get_run(stacking).data.metrics)

@@ -17,6 +17,7 @@ from tests.conftest import write_image
 from xrayfusion.core.errors import ConfigError, DataError
 from xrayfusion.evaluation import loading, metrics
 from xrayfusion.evaluation import predict as prediction
+from xrayfusion.evaluation.diversity import branch_diversity
 from xrayfusion.evaluation.evaluate import evaluate_model
 from xrayfusion.evaluation.inference import predict
 from xrayfusion.models import FusionClassifier
@@ -156,8 +157,15 @@ def test_evaluate_model_on_a_data_config_uses_the_trained_size() -> None:
         "n_test": 20,
         "augment": {"enabled": False},
     }
-    results, preds = evaluate_model(model, data, n_bootstrap=20)
+    results, preds, diversity = evaluate_model(model, data, n_bootstrap=20)
     assert len(preds) == 20 and set(results["model"]) == {"small_cnn", "darknet", "fused"}
+    # the branches' diversity at the thresholds the rows were scored at, from the same predictions
+    decide = loading.trained_thresholds(model)
+    branch_probs = torch.stack(
+        [torch.tensor(preds[[f"{k}/{c}" for c in model.hparams.class_names]].to_numpy()) for k in model.keys], dim=1
+    )
+    expected = branch_diversity(torch.tensor(preds["label"].to_numpy()), branch_probs, model.keys, decide)
+    assert diversity == pytest.approx(expected) and "small_cnn__darknet/disagreement" in diversity
     with pytest.raises(DataError, match="classes"):
         evaluate_model(model, {**data, "num_classes": 3}, n_bootstrap=0)
     with pytest.raises(ConfigError, match="split"):
@@ -210,9 +218,10 @@ def _model_of_run(kermany_root: Path, seed: int) -> tuple[FusionClassifier, list
 def test_evaluate_split_val_scores_the_runs_own_validation_images(kermany_root: Path, tmp_path: Path) -> None:
     model, run_val = _model_of_run(kermany_root, seed=7)
     data = {"name": "kermany", "root": str(kermany_root), "val_fraction": 0.15, "seed": 42, "cache_dir": None}
-    _, preds = evaluate_model(model, data, split="val", n_bootstrap=0)  # evaluate's own seed and fraction differ
+    # evaluate's own seed and fraction differ from the run's
+    preds = evaluate_model(model, data, split="val", n_bootstrap=0).predictions
     assert sorted(preds["name"]) == run_val
-    _, train = evaluate_model(model, data, split="train", n_bootstrap=0)
+    train = evaluate_model(model, data, split="train", n_bootstrap=0).predictions
     assert set(train["name"]).isdisjoint(run_val)
     other = tmp_path / "other"
     shutil.copytree(kermany_root, other)
@@ -228,7 +237,7 @@ def test_evaluate_threshold_rules_are_chosen_on_the_runs_validation_split(kerman
     model, _ = _model_of_run(kermany_root, seed=7)
     data = {"name": "kermany", "root": str(kermany_root), "val_fraction": 0.25, "seed": 42, "cache_dir": None}
     for rule in ("youden", "sensitivity@0.9", 0.3):
-        results, _ = evaluate_model(model, data, split="test", n_bootstrap=0, threshold=rule)
+        results = evaluate_model(model, data, split="test", n_bootstrap=0, threshold=rule).results
         assert set(results["model"]) == {"small_cnn", "darknet", "fused"}
     with pytest.raises(ConfigError, match="metrics.threshold='median'"):
         evaluate_model(model, data, split="test", n_bootstrap=0, threshold="median")

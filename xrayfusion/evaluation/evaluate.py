@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import logging
+import math
 import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pandas as pd
+import torch
 
 from xrayfusion.core.errors import ConfigError, DataError
-from xrayfusion.core.names import FUSED
+from xrayfusion.core.names import DIVERSITY, FUSED
 from xrayfusion.data import ImageSet, XRayDataModule
 from xrayfusion.evaluation import decisions
+from xrayfusion.evaluation.diversity import branch_diversity
 from xrayfusion.evaluation.inference import predict
 from xrayfusion.evaluation.loading import match_classes, trained_thresholds
 from xrayfusion.evaluation.metrics import evaluate_predictions, mlflow_metrics, predictions_frame
@@ -46,6 +49,16 @@ def check_run_split(model: FusionClassifier, val: ImageSet | None, cfg: Mapping[
         )
 
 
+class Evaluation(NamedTuple):
+    """What `evaluate_model` gives: the metric rows, the per-image predictions and the branches' diversity."""
+
+    results: pd.DataFrame
+    predictions: pd.DataFrame
+    # `branch_diversity` at the thresholds the rows were scored at: pairwise disagreement and error correlation,
+    # and their means; {} for a one-branch model
+    diversity: dict[str, float]
+
+
 def evaluate_model(
     model: FusionClassifier,
     data_cfg: Mapping,
@@ -54,7 +67,7 @@ def evaluate_model(
     seed: int = 0,
     threshold: float | str | None = None,
     batch_size: int = 64,
-) -> tuple[pd.DataFrame, pd.DataFrame]:
+) -> Evaluation:
     """Score every branch and the fused model on a split of any data config, decoded at the trained size.
 
     `threshold`: None = the thresholds chosen at training time; a number for every model; or a rule
@@ -64,7 +77,8 @@ def evaluate_model(
     `fusion/val_auroc`. Intervals resample the patients on split=val and train (val with the split's seed, so
     the fused AUROC's interval is the run's `fusion/val_auroc_ci_*` for the same number of resamples), the
     images on test.
-    Returns (results rows of evaluate_predictions, predictions_frame).
+    Returns the rows of evaluate_predictions, the predictions_frame and the branches' diversity (as the training
+    run logs it for its validation and test predictions), at the same thresholds.
     """
     if split not in ("train", "val", "test"):
         raise ConfigError(f"split={split} is unknown; use split=test, val or train")
@@ -106,19 +120,26 @@ def evaluate_model(
     groups = data.groups if split != "test" else None
     seed = decisions.crossfit_seed(model) if split == "val" else seed
     results = evaluate_predictions(data.labels, probs, decide, n_bootstrap, seed, groups)
-    return results, predictions_frame(data.names, data.labels, probs, list(model.hparams.class_names))
+    branch_probs = torch.stack([probs[k] for k in model.keys], dim=1)  # (N, K, C)
+    diversity = branch_diversity(data.labels, branch_probs, model.keys, decide)
+    frame = predictions_frame(data.names, data.labels, probs, list(model.hparams.class_names))
+    return Evaluation(results, frame, diversity)
 
 
-def log_evaluation(
-    tracking_uri: str, run_id: str, prefix: str, results: pd.DataFrame, predictions: pd.DataFrame
-) -> None:
-    """Log `<prefix>/<model>/<metric>` (with intervals) and `<prefix>/{metrics,predictions}.csv` into the run."""
+def log_evaluation(tracking_uri: str, run_id: str, prefix: str, evaluation: Evaluation) -> None:
+    """Log `<prefix>/<model>/<metric>` (with intervals), `<prefix>/diversity/<pair>/<metric>` and the means (finite
+    values; what `compare prefix=<prefix>` shows) and `<prefix>/{metrics,predictions}.csv` into the run."""
     import mlflow
     from mlflow.entities import Metric
 
+    results, predictions = evaluation.results, evaluation.predictions
     client = mlflow.MlflowClient(tracking_uri)
     now = int(time.time() * 1000)
-    metrics = [Metric(k, v, now, 0) for k, v in mlflow_metrics(results, prefix).items()]
+    values = {
+        **mlflow_metrics(results, prefix),
+        **{f"{prefix}/{DIVERSITY}/{k}": v for k, v in evaluation.diversity.items() if math.isfinite(v)},
+    }
+    metrics = [Metric(k, v, now, 0) for k, v in values.items()]
     for start in range(0, len(metrics), 500):
         client.log_batch(run_id, metrics=metrics[start : start + 500])
     with tempfile.TemporaryDirectory() as tmp:
