@@ -67,16 +67,20 @@ def test_logged_test_results_equal_evaluate_predict_and_served(
 
     # evaluate on the same data config: the same probabilities and exactly the logged metric values
     data_cfg = {"name": "kermany", "root": str(kermany_root), "val_fraction": 0.25, "batch_size": 8, "seed": 42}
-    results, frame = evaluate_model(model, data_cfg, "test", n_bootstrap=0)
+    results, frame, diversity = evaluate_model(model, data_cfg, "test", n_bootstrap=0)
     frame = frame.set_index("name").loc[logged.index]
     np.testing.assert_allclose(frame["fused/PNEUMONIA"], logged["fused/PNEUMONIA"], atol=1e-5)
     for row in results.itertuples():
         key = f"test/{row.model}/{row.metric}"
         if np.isfinite(row.value):
             assert run.data.metrics[key] == row.value, key
+    # and the branches' diversity the run logged for its test pass
+    assert diversity and all(
+        run.data.metrics[f"test/diversity/{k}"] == pytest.approx(v) for k, v in diversity.items() if np.isfinite(v)
+    )
 
     if "seed=7" in extra:  # evaluate split=val scores exactly the run's validation images, whatever its own seed
-        _, val = evaluate_model(model, data_cfg, "val", n_bootstrap=0)  # data_cfg has seed 42
+        _, val, _ = evaluate_model(model, data_cfg, "val", n_bootstrap=0)  # data_cfg has seed 42
         fitted_on = pd.read_csv(tmp_path / "outputs/run/oof_predictions.csv")  # the stacking fit's rows: val
         assert sorted(val["name"]) == sorted(fitted_on["name"])
 

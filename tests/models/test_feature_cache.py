@@ -100,7 +100,7 @@ def test_cached_run_gives_the_same_probabilities_and_serving_needs_no_cache(
         "num_classes": 2,
         "batch_size": 16,
     }
-    _, frame = evaluate_model(model, data_cfg, "test", n_bootstrap=0)
+    _, frame, _ = evaluate_model(model, data_cfg, "test", n_bootstrap=0)
     frame = frame.set_index("name").loc[logged.index]
     np.testing.assert_allclose(frame[probs].to_numpy(), logged[probs].to_numpy(), atol=1e-5)
 

@@ -72,7 +72,7 @@ def assert_evaluate_val_scores_as_logged(tmp_path: Path, parent: mlflow.entities
     out = tmp_path / "outputs/run"
     model = load_classifier(out / "checkpoints/best.ckpt")
     data_cfg = OmegaConf.to_container(OmegaConf.load(out / "config.yaml").data, resolve=True)
-    results, _ = evaluate_model(model, data_cfg, "val", n_bootstrap=100)  # SMALL_SYNTHETIC's metrics.bootstrap
+    results, _, _ = evaluate_model(model, data_cfg, "val", n_bootstrap=100)  # SMALL_SYNTHETIC's metrics.bootstrap
     rows = results[results["metric"] == "auroc"].set_index("model")
     auroc = rows["value"]
     assert auroc["fused"] == pytest.approx(parent.data.metrics["fusion/val_auroc"], abs=1e-6)
@@ -134,7 +134,7 @@ def test_holdout_fits_log_what_they_fitted(
     # and evaluate split=val scores the fused model the same way (in-sample it would flatter the fit)
     model, data_cfg = assert_evaluate_val_scores_as_logged(tmp_path, parent)
     # the threshold rule re-chosen by evaluate on the same cross-fitted predictions gives the logged test metrics
-    results, _ = evaluate_model(model, data_cfg, "test", n_bootstrap=0, threshold="sensitivity@0.9")
+    results, _, _ = evaluate_model(model, data_cfg, "test", n_bootstrap=0, threshold="sensitivity@0.9")
     fused = results[results["model"] == "fused"].set_index("metric")["value"]
     for metric in ("acc", "recall", "specificity"):
         assert fused[metric] == pytest.approx(parent.data.metrics[f"test/fused/{metric}"], abs=1e-6), metric

@@ -45,7 +45,7 @@ def test_ema_mixup_clahe_run_validates_what_it_saves_and_logs_branch_diversity(
     # EMA: the weights saved (and tested) are the weights validated during training: evaluate split=val on the
     # final checkpoint gives exactly the validation metrics the run logged
     data_cfg = OmegaConf.to_container(OmegaConf.load(out / "config.yaml").data, resolve=True)
-    results, _ = evaluate_model(model, data_cfg, "val", n_bootstrap=0)
+    results, _, _ = evaluate_model(model, data_cfg, "val", n_bootstrap=0)
     auroc = results[results["metric"] == "auroc"].set_index("model")["value"]
     for name in ("small_cnn", "darknet", "fused"):
         assert auroc[name] == pytest.approx(logged[f"val/{name}/auroc"], abs=1e-6), name
@@ -95,13 +95,13 @@ def test_tta_each_epoch_false_validates_epochs_on_the_image_alone_and_serves_the
     # the epoch's validation (the best-epoch choice, the val/ metrics): the image alone
     plain = FusionClassifier(**{**model.hparams, "tta": "none", "load_weights": False}).eval()
     plain.load_state_dict(model.state_dict())
-    plain_results, plain_frame = evaluate_model(plain, data_cfg, "val", n_bootstrap=0)
+    plain_results, plain_frame, _ = evaluate_model(plain, data_cfg, "val", n_bootstrap=0)
     plain_values = plain_results.set_index(["model", "metric"])["value"]
     for name in ("small_cnn", "darknet", "fused"):
         for metric in ("auroc", "ece"):  # the calibration error moves with any probability
             assert plain_values[name, metric] == pytest.approx(logged[f"val/{name}/{metric}"], abs=1e-6), name
     # everything after training averages the views: the fused validation score the run ranks on, and the served model
-    results, frame = evaluate_model(model, data_cfg, "val", n_bootstrap=0)
+    results, frame, _ = evaluate_model(model, data_cfg, "val", n_bootstrap=0)
     values = results.set_index(["model", "metric"])["value"]
     assert values["fused", "auroc"] == pytest.approx(logged["fusion/val_auroc"], abs=1e-6)
     assert values["fused", "ece"] != pytest.approx(logged["val/fused/ece"], abs=1e-6)

@@ -45,7 +45,7 @@ def test_ddp_cpu_logs_one_run_with_metrics_of_the_whole_test_set(run_cli, tracki
 
     # single-process evaluation of the logged checkpoint on the same test split gives the logged values
     ckpt = client.download_artifacts(run.info.run_id, "checkpoints/best.ckpt", str(tmp_path / "download"))
-    results, _ = evaluate_model(load_classifier(ckpt), OmegaConf.to_container(cfg.data, resolve=True), n_bootstrap=0)
+    results, _, _ = evaluate_model(load_classifier(ckpt), OmegaConf.to_container(cfg.data, resolve=True), n_bootstrap=0)
     for row in results.itertuples():
         if row.value == row.value:
             assert run.data.metrics[f"test/{row.model}/{row.metric}"] == row.value, (row.model, row.metric)
