@@ -2,8 +2,8 @@
 # The GPU checks of docs/benchmarks.md ("GPU"), in two phases, each small enough for one call of the device tool
 # (64 MiB carried per call: the extra packages + a data subset, then the ImageNet weights):
 #   bash scripts/gpu_check.sh speed    # python scripts/benchmark.py speed --device cuda (bf16 + channels-last)
-#   bash scripts/gpu_check.sh recipe   # experiment=kermany_gpu trained on CUDA in bf16-mixed, then the run's logged
-#                                      # test probabilities compared with evaluate's and predict's on the GPU
+#   bash scripts/gpu_check.sh recipe   # experiment=kermany_gpu trained on CUDA in bf16-mixed, then
+#                                      # scripts/agreement.py on its run (logged vs evaluate, predict, served)
 # Environment: DATA (a Kermany folder, default .gpudata), WEIGHTS (folder of efficientnet_lite*_imagenet.pth, default
 # .wts), OUT (logs and the MLflow database land there, default ./gpu_out), SITE (a tarball of the packages the GPU
 # image lacks, unpacked once into .dsite), DRY=1 (a rehearsal on the CPU: tiny epochs and sizes, no CUDA).
@@ -43,30 +43,8 @@ recipe)
   echo "train: $(( $(date +%s) - start )) s"
   run_id=$(grep -o "MLflow run [0-9a-f]\{32\}" "$OUT/train.txt" | tail -1 | cut -d' ' -f3)
   [ -n "$run_id" ] || { echo "no run id in the training log"; exit 1; }
-  $PY -m xrayfusion.evaluate run_id="$run_id" data=kermany data.root="$DATA" device=$dev name=gpu_check \
-    metrics.bootstrap=0 2>&1 | tee "$OUT/evaluate.txt"
-  $PY -m xrayfusion.predict run_id="$run_id" inputs="$DATA/test" output="$OUT/predict.csv" device=$dev 2>&1 | tail -3
-  # the run's own test pass against evaluate's and predict's probabilities for the same images
-  $PY - "$run_id" "$OUT/predict.csv" <<'EOF' 2>&1 | tee "$OUT/agree.txt"
-import sys, tempfile
-from pathlib import Path
-import mlflow, pandas as pd
-run_id, predict_csv = sys.argv[1], sys.argv[2]
-with tempfile.TemporaryDirectory() as tmp:
-    logged = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="test_predictions.csv", dst_path=tmp))
-    evaluated = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="eval/gpu_check/predictions.csv", dst_path=tmp))
-predicted = pd.read_csv(predict_csv).rename(columns=lambda c: c.replace("_prob_", "/"))
-predicted["name"] = predicted["path"]
-cols = [c for c in logged.columns if "/" in c]
-def keyed(frame):  # class folder + file name: the same image whatever the root
-    return frame.set_index(frame["name"].map(lambda p: "/".join(Path(str(p)).parts[-2:])))
-for what, other in (("evaluate", evaluated), ("predict", predicted)):
-    a, b = keyed(logged), keyed(other)
-    common, shared = a.index.intersection(b.index), [c for c in cols if c in b.columns]
-    assert len(common) == len(logged) and len(shared) == len(cols), (len(common), shared)
-    diff = (a.loc[common, shared] - b.loc[common, shared]).abs().to_numpy().max()
-    print(f"logged test pass vs {what}: {len(common)} images, {len(shared)} columns, max |difference| {diff:.3g}")
-EOF
+  # the run's logged test pass against evaluate's, predict's and the served model's probabilities on this device
+  $PY scripts/agreement.py "$run_id" --data-root "$DATA" --device $dev 2>&1 | tee "$OUT/agreement.txt"
   echo "recipe phase: $(( $(date +%s) - start )) s"
   ;;
 *) echo "unknown phase $phase: speed or recipe"; exit 2 ;;
