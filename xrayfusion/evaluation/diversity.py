@@ -67,5 +67,9 @@ def diversity_metrics(
     thresholds: Mapping[str, float] | None = None,
 ) -> dict[str, float]:
     """`branch_diversity` as MLflow metrics `<prefix>/diversity/<name>`, finite values only."""
-    values = branch_diversity(labels, probs, keys, thresholds)
+    return as_metrics(prefix, branch_diversity(labels, probs, keys, thresholds))
+
+
+def as_metrics(prefix: str, values: Mapping[str, float]) -> dict[str, float]:
+    """`branch_diversity` values as MLflow metrics `<prefix>/diversity/<name>`, finite values only."""
     return {f"{prefix}/{DIVERSITY}/{k}": v for k, v in values.items() if math.isfinite(v)}

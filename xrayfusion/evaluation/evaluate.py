@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import tempfile
 import time
 from collections.abc import Mapping
@@ -14,10 +13,9 @@ import pandas as pd
 import torch
 
 from xrayfusion.core.errors import ConfigError, DataError
-from xrayfusion.core.names import DIVERSITY, FUSED
+from xrayfusion.core.names import FUSED
 from xrayfusion.data import ImageSet, XRayDataModule
-from xrayfusion.evaluation import decisions
-from xrayfusion.evaluation.diversity import branch_diversity
+from xrayfusion.evaluation import decisions, diversity
 from xrayfusion.evaluation.inference import predict
 from xrayfusion.evaluation.loading import match_classes, trained_thresholds
 from xrayfusion.evaluation.metrics import evaluate_predictions, mlflow_metrics, predictions_frame
@@ -121,9 +119,9 @@ def evaluate_model(
     seed = decisions.crossfit_seed(model) if split == "val" else seed
     results = evaluate_predictions(data.labels, probs, decide, n_bootstrap, seed, groups)
     branch_probs = torch.stack([probs[k] for k in model.keys], dim=1)  # (N, K, C)
-    diversity = branch_diversity(data.labels, branch_probs, model.keys, decide)
+    pairs = diversity.branch_diversity(data.labels, branch_probs, model.keys, decide)
     frame = predictions_frame(data.names, data.labels, probs, list(model.hparams.class_names))
-    return Evaluation(results, frame, diversity)
+    return Evaluation(results, frame, pairs)
 
 
 def log_evaluation(tracking_uri: str, run_id: str, prefix: str, evaluation: Evaluation) -> None:
@@ -135,10 +133,7 @@ def log_evaluation(tracking_uri: str, run_id: str, prefix: str, evaluation: Eval
     results, predictions = evaluation.results, evaluation.predictions
     client = mlflow.MlflowClient(tracking_uri)
     now = int(time.time() * 1000)
-    values = {
-        **mlflow_metrics(results, prefix),
-        **{f"{prefix}/{DIVERSITY}/{k}": v for k, v in evaluation.diversity.items() if math.isfinite(v)},
-    }
+    values = {**mlflow_metrics(results, prefix), **diversity.as_metrics(prefix, evaluation.diversity)}
     metrics = [Metric(k, v, now, 0) for k, v in values.items()]
     for start in range(0, len(metrics), 500):
         client.log_batch(run_id, metrics=metrics[start : start + 500])
