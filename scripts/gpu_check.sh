@@ -8,7 +8,8 @@
 #   bash scripts/gpu_check.sh recipe   # experiment=kermany_gpu trained on CUDA in bf16-mixed, then
 #                                      # scripts/agreement.py on its run (logged vs evaluate, predict, served)
 # Environment: DATA (a Kermany folder, default .gpudata), WEIGHTS (folder of efficientnet_lite*_imagenet.pth, default
-# .wts), OUT (logs and the MLflow database land there, default ./gpu_out), SITE (a tarball of the packages the GPU
+# .wts), OUT (logs and the MLflow database land there, default ./gpu_out), RUNS (the runs' artifacts and checkpoints,
+# default ./mlruns as for any training here), SITE (a tarball of the packages the GPU
 # image lacks, unpacked once into .dsite), DRY=1 (a rehearsal on the CPU: tiny epochs and sizes, no CUDA).
 set -uo pipefail
 phase=${1:?usage: gpu_check.sh prepare|speed|recipe}
@@ -17,6 +18,7 @@ DATA=${DATA:-.gpudata}
 WEIGHTS=${WEIGHTS:-.wts}
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
+RUNS=${RUNS:-$PWD/mlruns}
 if [ -n "${SITE:-}" ] && [ ! -d .dsite/gsite ]; then mkdir -p .dsite && tar -C .dsite -xJf "$SITE" || exit 3; fi
 [ -d .dsite/gsite ] && export PYTHONPATH="$PWD/.dsite/gsite:${PYTHONPATH:-}"
 export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 MLFLOW_TRACKING_URI="sqlite:///$OUT/mlflow.db"
@@ -68,7 +70,7 @@ speed)
 recipe)
   start=$(date +%s)
   $PY -m xrayfusion.train experiment=kermany_gpu data.root="$DATA" model.weights_dir="$WEIGHTS" \
-    hydra.run.dir="$OUT/train" "${recipe_args[@]}" 2>&1 | tee "$OUT/train.txt" || exit 1
+    hydra.run.dir="$OUT/train" paths.mlruns_dir="$RUNS" "${recipe_args[@]}" 2>&1 | tee "$OUT/train.txt" || exit 1
   echo "train: $(( $(date +%s) - start )) s"
   run_id=$(grep -o "MLflow run [0-9a-f]\{32\}" "$OUT/train.txt" | tail -1 | cut -d' ' -f3)
   [ -n "$run_id" ] || { echo "no run id in the training log"; exit 1; }

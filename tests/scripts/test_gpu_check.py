@@ -41,6 +41,7 @@ def test_both_phases_run_to_the_end_on_the_cpu(kermany_root: Path, tmp_path: Pat
         "DATA": str(kermany_root),
         "WEIGHTS": str(weights),
         "OUT": str(out),
+        "RUNS": str(tmp_path / "mlruns"),  # not the repository's own mlruns/
         "OMP_NUM_THREADS": "1",
     }
     env.pop("MLFLOW_TRACKING_URI", None)
@@ -57,7 +58,7 @@ def test_both_phases_run_to_the_end_on_the_cpu(kermany_root: Path, tmp_path: Pat
     agreement = (out / "agreement.txt").read_text()
     rows = [line for line in agreement.splitlines() if line.startswith(("| evaluate", "| predict", "| served"))]
     assert len(rows) == 3 and all(float(r.split("|")[2]) < 1e-5 for r in rows), agreement
-    assert (out / "mlflow.db").stat().st_size > 0
+    assert (out / "mlflow.db").stat().st_size > 0 and any((tmp_path / "mlruns").rglob("best.ckpt"))
 
     unknown = _gpu_check("tune", env, tmp_path)
     assert unknown.returncode == 2 and "unknown phase tune" in unknown.stdout
