@@ -19,6 +19,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from xrayfusion.core.cli import one_line_errors
+from xrayfusion.core.errors import DataError
+
 
 def keyed(frame: pd.DataFrame, column: str) -> pd.DataFrame:
     """Rows indexed by class folder + file name: the same image whatever the root it was read from."""
@@ -29,7 +32,10 @@ def largest_difference(logged: pd.DataFrame, other: pd.DataFrame, columns: Seque
     """max |logged - other| over the probability columns of every logged image (both keyed alike)."""
     missing = logged.index.difference(other.index)
     if len(missing):
-        raise SystemExit(f"{len(missing)} logged images have no row in the other predictions, e.g. {missing[0]}")
+        raise DataError(
+            f"{len(missing)} logged test images are not under --data-root (e.g. {missing[0]}): pass the Kermany folder "
+            "the run was trained and tested on"
+        )
     return float(np.abs(logged[columns].to_numpy() - other.loc[logged.index, columns].to_numpy()).max())
 
 
@@ -101,4 +107,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    one_line_errors(main)()  # bad input (an unknown run, other data): one line, exit 2

@@ -4,6 +4,8 @@ model, and a logged probability changed by hand shows up in every row."""
 from __future__ import annotations
 
 import importlib
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -20,7 +22,12 @@ def _table(out: str) -> dict[str, float]:
 
 @pytest.mark.slow
 def test_agreement_prints_the_largest_difference_of_each_path(
-    train_task, kermany_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    train_task,
+    tracking_uri: str,
+    kermany_root: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     train_task(
         [
@@ -60,3 +67,9 @@ def test_agreement_prints_the_largest_difference_of_each_path(
     agreement.main([run_id, "--data-root", str(kermany_root)])
     assert all(d == pytest.approx(0.25, abs=1e-5) for d in _table(capsys.readouterr().out).values())
     sys.modules.pop("agreement", None)
+
+    # as a command: an unknown run is one line and exit 2
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}
+    cmd = [sys.executable, str(REPO / "scripts" / "agreement.py"), "ffffffff", "--data-root", str(kermany_root)]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "is not a run in" in result.stderr and "Traceback" not in result.stderr
