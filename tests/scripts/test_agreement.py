@@ -23,7 +23,6 @@ def _table(out: str) -> dict[str, float]:
 @pytest.mark.slow
 def test_agreement_prints_the_largest_difference_of_each_path(
     train_task,
-    tracking_uri: str,
     kermany_root: Path,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
@@ -52,8 +51,9 @@ def test_agreement_prints_the_largest_difference_of_each_path(
     run_id = logged_csv.parts[-3]
     capsys.readouterr()
 
-    agreement.main([run_id[:8], "--data-root", str(kermany_root)])
+    agreement.main([run_id[:8], "--data-root", str(kermany_root), "--max-diff", "1e-5"])
     out = capsys.readouterr().out
+    assert "agreement: every difference within --max-diff 1e-05" in out
     diffs = _table(out)
     assert set(diffs) == {"evaluate", "predict", "served pyfunc model"}
     assert all(d < 1e-5 for d in diffs.values()), out
@@ -64,12 +64,16 @@ def test_agreement_prints_the_largest_difference_of_each_path(
     frame = pd.read_csv(logged_csv)
     frame.loc[0, "fused/PNEUMONIA"] = frame.loc[0, "fused/PNEUMONIA"] + 0.25
     frame.to_csv(logged_csv, index=False)
-    agreement.main([run_id, "--data-root", str(kermany_root)])
-    assert all(d == pytest.approx(0.25, abs=1e-5) for d in _table(capsys.readouterr().out).values())
+    with pytest.raises(SystemExit) as failed:
+        agreement.main([run_id, "--data-root", str(kermany_root), "--max-diff", "1e-5"])
+    out = capsys.readouterr().out
+    assert failed.value.code == 1 and "agreement: FAILED, a difference of 0.25" in out
+    assert all(d == pytest.approx(0.25, abs=1e-5) for d in _table(out).values())
     sys.modules.pop("agreement", None)
 
-    # as a command: an unknown run is one line and exit 2
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}
+    # as a command: an unknown run is one line and exit 2; without MLFLOW_TRACKING_URI it reads ./mlruns/mlflow.db
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     cmd = [sys.executable, str(REPO / "scripts" / "agreement.py"), "ffffffff", "--data-root", str(kermany_root)]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 2 and "is not a run in" in result.stderr and "Traceback" not in result.stderr
+    result = subprocess.run(cmd, cwd=tmp_path / "outputs", env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert f"no MLflow store at {tmp_path / 'outputs' / 'mlruns' / 'mlflow.db'}" in result.stderr
