@@ -268,7 +268,11 @@ def log_dataset_inputs(logger: MLFlowLogger, name: str, source: str, splits: Map
             entity = dataset._to_mlflow_entity()  # infers the schema (and warns about the int labels) here
         inputs.append(DatasetInput(entity, tags=[InputTag("mlflow.data.context", split)]))
     if inputs and rank_zero_only.rank == 0:
-        logger.experiment.log_inputs(logger.run_id, datasets=inputs)
+        # MLflow looks a dataset up, then inserts it: two trainings of the same data starting at once into one SQLite
+        # store race between the two (an IntegrityError on its datasets table, seen in CI); the store's file lock
+        # makes look-up and insert one step across processes (a no-op for tracking servers)
+        with _store_lock(str(getattr(logger, "_tracking_uri", None) or "")):
+            logger.experiment.log_inputs(logger.run_id, datasets=inputs)
 
 
 @contextmanager
