@@ -31,6 +31,11 @@ def keyed(frame: pd.DataFrame, column: str) -> pd.DataFrame:
     return frame.set_index(frame[column].map(lambda p: "/".join(Path(str(p)).parts[-2:])))
 
 
+def as_logged(rows: pd.DataFrame) -> pd.DataFrame:
+    """predict's and the served model's rows (`path`, `<model>_prob_<class>`) keyed and named as the logged ones."""
+    return keyed(rows, "path").rename(columns=lambda c: c.replace("_prob_", "/"))
+
+
 def largest_difference(logged: pd.DataFrame, other: pd.DataFrame, columns: Sequence[str]) -> float:
     """max |logged - other| over the probability columns of every logged image (both keyed alike)."""
     missing = logged.index.difference(other.index)
@@ -111,14 +116,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise DataError(f"--data-root {args.data_root} has no test/ folder: pass the Kermany folder of the run")
     paths = [str(split_dir / name) for name in logged.index]
     start = time.perf_counter()
-    predicted = keyed(predict_files(model, paths, args.batch_size), "path")
-    predicted = predicted.rename(columns=lambda c: c.replace("_prob_", "/"))
+    predicted = as_logged(predict_files(model, paths, args.batch_size))
     rows.append(("predict", largest_difference(logged, predicted, columns), time.perf_counter() - start))
 
     start = time.perf_counter()
     served_model = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")  # on the CPU, as MLflow serves it
-    served = keyed(served_model.predict(pd.DataFrame({"path": paths})), "path")
-    served = served.rename(columns=lambda c: c.replace("_prob_", "/"))
+    served = as_logged(served_model.predict(pd.DataFrame({"path": paths})))
     rows.append(("served pyfunc model", largest_difference(logged, served, columns), time.perf_counter() - start))
 
     print("| against the run's logged test pass | max abs difference of probabilities | seconds |")

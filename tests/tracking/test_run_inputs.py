@@ -51,7 +51,7 @@ for i in range(rounds):
     logger.experiment.get_run(logger.run_id)  # the run exists before the race
     while time.time() < start + 0.5 * i:
         time.sleep(0.001)
-    log_dataset_inputs(logger, "kermany", sys.argv[4], {"train": Split(i)})
+    log_dataset_inputs(logger, uri, "kermany", sys.argv[4], {"train": Split(i)})
 """
 
 

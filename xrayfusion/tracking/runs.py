@@ -243,7 +243,9 @@ def resolve_run_id(uri: str, run_id: str, key: str = "run_id") -> str:
     raise ConfigError(f"{key}={run_id} matches {len(matches)} runs: {listed}; give more characters of the id")
 
 
-def log_dataset_inputs(logger: MLFlowLogger, name: str, source: str, splits: Mapping[str, Any]) -> None:
+def log_dataset_inputs(
+    logger: MLFlowLogger, tracking_uri: str, name: str, source: str, splits: Mapping[str, Any]
+) -> None:
     """Each split the run used as an MLflow dataset input (the UI's Dataset column): name `<data>/<split>`,
     the data's root as its source, the file list (name, patient, label) as its rows and its digest."""
     import mlflow
@@ -271,7 +273,7 @@ def log_dataset_inputs(logger: MLFlowLogger, name: str, source: str, splits: Map
         # MLflow looks a dataset up, then inserts it: two trainings of the same data starting at once into one SQLite
         # store race between the two (an IntegrityError on its datasets table, seen in CI); the store's file lock
         # makes look-up and insert one step across processes (a no-op for tracking servers)
-        with _store_lock(str(getattr(logger, "_tracking_uri", None) or "")):
+        with _store_lock(tracking_uri):
             logger.experiment.log_inputs(logger.run_id, datasets=inputs)
 
 

@@ -154,7 +154,8 @@ def log_inputs(run: Run) -> None:
     tracking.log_params(logger, {f"weights/{k}": v or "none" for k, v in run.model.weights_sources.items()})
     where = str(cfg.data.get("root") or cfg.data.get("path") or "generated in memory")
     splits = {s: getattr(source, s) for s in ("train", "val", "test")}
-    tracking.log_dataset_inputs(logger, str(cfg.data.name), where, splits)
+    uri = tracking.resolve_tracking_uri(cfg.logger.get("tracking_uri"))
+    tracking.log_dataset_inputs(logger, uri, str(cfg.data.name), where, splits)
     logger.log_metrics({"data/skipped": len(source.skipped)})
     if source.skipped:
         tracking.log_artifact(logger, write_skipped_csv(source.skipped, run.out_dir / "skipped_files.csv"))
